@@ -1,0 +1,1 @@
+"""Operational helpers: running psky's backing services (embedded Redis and PostgreSQL)."""
