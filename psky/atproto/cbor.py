@@ -30,6 +30,9 @@ HASH_SHA256 = 0x12
 #: deepest nesting psky accepts in records and frames it walks in Python
 MAX_DEPTH = 128
 
+#: the C decoder: (data, cid_ctor, atjson) -> (value, bytes used); takes any buffer
+_c_decode: Any = _cbrrr.decode_dag_cbor
+
 _DAG_CBOR_PFX = CID.CIDV1_DAG_CBOR_SHA256_32_PFX
 _RAW_PFX = CID.CIDV1_RAW_SHA256_32_PFX
 
@@ -38,16 +41,30 @@ class DecodeError(ValueError):
     """Bytes that are not valid (strict, canonical) DAG-CBOR, or a malformed CID."""
 
 
-def decode(data: bytes) -> Any:
-    """Strictly decode one DAG-CBOR object (CIDs as :class:`CID`)."""
+def _checked_cid(raw: bytes) -> CID:
+    """CID constructor for the decoder: the common 36-byte sha-256 form is accepted at once."""
+    if len(raw) == 36 and (raw[:4] == _DAG_CBOR_PFX or raw[:4] == _RAW_PFX):
+        return CID(raw)
+    validate_cid_bytes(raw)
+    return CID(raw)
+
+
+def decode(data: bytes | memoryview) -> Any:
+    """Strictly decode one DAG-CBOR object (CIDs as :class:`CID`, structurally checked)."""
     try:
-        return cbrrr.decode_dag_cbor(data)
+        obj, used = _c_decode(data, _checked_cid, False)
     except (cbrrr.CbrrrDecodeError, ValueError, TypeError, EOFError, OverflowError) as e:
         raise DecodeError(f"invalid DAG-CBOR: {e}") from None
+    if used != len(data):
+        raise DecodeError("invalid DAG-CBOR: trailing bytes after the object")
+    return obj
 
 
 def decode_lex(data: bytes) -> Any:
-    """Strictly decode DAG-CBOR straight into lex JSON form (fast path for records)."""
+    """Strictly decode DAG-CBOR straight into lex JSON form (fast path for records).
+
+    CID links come out as ``{"$link": str}`` without a structural check of the CID (the C
+    decoder does the base32 itself); lexicon validation checks ``cid-link`` fields."""
     try:
         return cbrrr.decode_dag_cbor(data, atjson_mode=True)
     except (cbrrr.CbrrrDecodeError, ValueError, TypeError, EOFError, OverflowError) as e:
@@ -57,7 +74,7 @@ def decode_lex(data: bytes) -> Any:
 def decode_prefix(data: bytes | memoryview, *, lex: bool = False) -> tuple[Any, int]:
     """Decode the first DAG-CBOR object in *data*; return it and the number of bytes used."""
     try:
-        obj, used = _cbrrr.decode_dag_cbor(data, CID, lex)
+        obj, used = _c_decode(data, _checked_cid, lex)
     except (cbrrr.CbrrrDecodeError, ValueError, TypeError, EOFError, OverflowError) as e:
         raise DecodeError(f"invalid DAG-CBOR: {e}") from None
     if used <= 0:
@@ -182,6 +199,32 @@ def b64decode_lenient(text: str) -> bytes:
         raise DecodeError("invalid base64 in $bytes") from None
 
 
+_MAX_SAFE_INT = 2**53 - 1
+
+
+def _check_typed_object(obj: dict[str, Any]) -> None:
+    """``$type`` must be a non-empty string; ``blob`` objects need ref, mimeType and size."""
+    t = obj["$type"]
+    if not isinstance(t, str) or not t:
+        raise DecodeError("$type must be a non-empty string")
+    if t == "blob":
+        if not isinstance(obj.get("ref"), CID):
+            raise DecodeError("blob ref must be a CID link")
+        if not isinstance(obj.get("mimeType"), str):
+            raise DecodeError("blob mimeType must be a string")
+        size = obj.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise DecodeError("blob size must be a non-negative integer")
+
+
+def record_from_lex_json(value: Any) -> dict[str, Any]:
+    """A record (or any top-level atproto data object) from lex JSON, checked against the data model."""
+    if not isinstance(value, dict):
+        raise DecodeError("top-level atproto data must be an object")
+    out: dict[str, Any] = from_lex_json(value)
+    return out
+
+
 def to_lex_json(value: Any, _depth: int = 0) -> Any:
     """IPLD form → lex JSON form."""
     if _depth > MAX_DEPTH:
@@ -216,10 +259,15 @@ def from_lex_json(value: Any, _depth: int = 0) -> Any:
             if not isinstance(k, str):
                 raise DecodeError("map keys must be strings")
             out[k] = from_lex_json(v, _depth + 1)
+        if "$type" in out:
+            _check_typed_object(out)
         return out
     if isinstance(value, list):
         return [from_lex_json(v, _depth + 1) for v in value]
     if isinstance(value, float):
+        # JSON has one number type: 123.0 is the integer 123 (as JavaScript reads it).
+        if value.is_integer() and abs(value) <= _MAX_SAFE_INT:
+            return int(value)
         raise DecodeError("floats are not allowed in the atproto data model")
     if value is None or isinstance(value, (str, bool, int)):
         return value

@@ -1,0 +1,97 @@
+"""The `psky` command: one subcommand per service and tool.
+
+This is the only module that knows every part of psky; each subcommand imports its part
+lazily so that `psky --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from psky import __version__
+from psky.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="psky", description="Bluesky AppView ingest pipeline in Python.")
+    p.add_argument("--version", action="version", version=f"psky {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the offline demo on the bundled sample data")
+    demo.set_defaults(func=_cmd_demo)
+
+    insp = sub.add_parser("inspect", help="decode and verify repositories and firehose frames")
+    isub = insp.add_subparsers(dest="what", metavar="WHAT")
+
+    car = isub.add_parser("car", help="verify a repository CAR file (com.atproto.sync.getRepo)")
+    car.add_argument("file", help="path to the .car file ('-' for standard input)")
+    car.add_argument("--did", help="the DID the repository must belong to")
+    keysrc = car.add_mutually_exclusive_group()
+    keysrc.add_argument("--plc", metavar="URL", help="resolve the signing key from this PLC directory")
+    keysrc.add_argument("--key", metavar="DID_KEY", help="verify the commit signature with this did:key")
+    car.add_argument("--records", action="store_true",
+                     help="print the records as JSON lines in the indexer's event format")
+    car.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    car.set_defaults(func=_cmd_inspect_car)
+
+    fr = isub.add_parser("frames", help="decode subscribeRepos frames from a file or a ws:// URL")
+    fr.add_argument("source", help="a frame file (see docs) or a ws:// / wss:// subscribeRepos URL")
+    fr.add_argument("--limit", type=int, default=None, help="stop after N frames")
+    fr.add_argument("--cursor", type=int, default=None, help="start a live subscription at this seq")
+    fr.add_argument("--plc", metavar="URL", help="verify commit signatures with keys from this PLC directory")
+    fr.add_argument("--key", metavar="DID_KEY", help="verify every commit against this one did:key")
+    fr.set_defaults(func=_cmd_inspect_frames)
+    return p
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from psky.inspect import run_demo
+
+    return run_demo()
+
+
+def _cmd_inspect_car(args: argparse.Namespace) -> int:
+    from psky.inspect import inspect_car
+
+    return asyncio.run(inspect_car(args.file, did=args.did, plc=args.plc, key=args.key,
+                                   records=args.records, as_json=args.json))
+
+
+def _cmd_inspect_frames(args: argparse.Namespace) -> int:
+    from psky.inspect import inspect_frames
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1", 2)
+    return asyncio.run(inspect_frames(args.source, limit=args.limit, cursor=args.cursor,
+                                      plc=args.plc, key=args.key))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from psky import logs
+
+    try:
+        logs.configure()
+        status: int = args.func(args)
+        return status
+    except UserError as e:
+        print(f"psky: {e}", file=sys.stderr)
+        return e.status
+    except logs.LogConfigError as e:
+        print(f"psky: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
