@@ -7,6 +7,7 @@ framing as CAR sections), which is how psky's tools and test network record fire
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +32,7 @@ from psky.atproto.firehose import (
     process_commit,
     to_stream_events,
 )
-from psky.atproto.repo import RepoError, verify_repo
+from psky.atproto.repo import RepoError, VerifiedRepo, verify_repo_stream
 from psky.errors import UserError
 from psky.identity import IdentityResolver, ResolutionError
 
@@ -45,7 +46,8 @@ def _now_iso() -> str:
 
 
 def _out(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+    sys.stdout.buffer.write(orjson.dumps(obj) + b"\n")
+    sys.stdout.buffer.flush()
 
 
 def _read_input(path: str) -> bytes:
@@ -73,32 +75,36 @@ async def _key_from_plc(plc: str, did: str) -> str:
             raise UserError(f"cannot get the signing key: {e}") from None
 
 
+def _load_repo(path: str, did: str | None) -> tuple[VerifiedRepo, int]:
+    """Verify the CAR's structure, streamed: only the block map is held, never the file too."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+            return verify_repo_stream([data], did=did), len(data)
+        with open(path, "rb") as f:
+            return verify_repo_stream(f, did=did), os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except (RepoError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 async def inspect_car(path: str, *, did: str | None = None, plc: str | None = None, key: str | None = None,
                       records: bool = False, as_json: bool = False) -> int:
-    data = _read_input(path)
     if key:
         _check_key(key)
     started = time.perf_counter()
-    try:
-        repo = verify_repo(data, did=did)  # structure first: the DID is needed to find a key
-    except (RepoError, ValueError) as e:
-        raise UserError(f"{path}: {e}") from None
+    repo, size = _load_repo(path, did)
     key_source = "--key" if key else None
     if plc and not key:
         key = await _key_from_plc(plc, repo.did)
         key_source = f"PLC {plc}"
     signature: bool | None = repo.commit.verify(key) if key else None
     elapsed = time.perf_counter() - started
-    ok = (signature is not False) and repo.mst_ok and not repo.missing_blocks
+    ok = (signature is not False) and repo.ok
 
     if records:
-        now = _now_iso()
-        for rec in repo.records():
-            _out({"type": "create", "seq": SEQ_BACKFILL, "time": now, "did": repo.did,
-                  "commit": repo.commit_cid.encode(), "rev": repo.rev, "collection": rec.collection,
-                  "rkey": rec.rkey, "cid": rec.cid.encode(), "record": rec.value})
-        _out({"type": "repo", "time": now, "did": repo.did, "commit": repo.commit_cid.encode(), "rev": repo.rev})
-        return 0 if ok else 1
+        return _print_records(repo, path) if ok else _report_failure(repo, path, signature)
 
     summary: dict[str, Any] = {
         "did": repo.did, "rev": repo.rev, "commit": repo.commit_cid.encode(), "version": repo.commit.version,
@@ -107,7 +113,8 @@ async def inspect_car(path: str, *, did: str | None = None, plc: str | None = No
         "mst": "ok" if repo.mst_ok else f"INVALID: {repo.mst_error}",
         "missingBlocks": [c.encode() for c in repo.missing_blocks],
         "records": sum(repo.counts.values()), "collections": dict(sorted(repo.counts.items())),
-        "blocks": repo.block_count, "bytes": len(data), "seconds": round(elapsed, 4),
+        "invalidPaths": repo.invalid_paths,
+        "blocks": repo.block_count, "bytes": size, "seconds": round(elapsed, 4),
     }
     if as_json:
         _out(summary)
@@ -122,11 +129,52 @@ async def inspect_car(path: str, *, did: str | None = None, plc: str | None = No
         if repo.missing_blocks:
             w(f"missing     {len(repo.missing_blocks)} record blocks, e.g. {repo.missing_blocks[0].encode()}\n")
         w(f"records     {summary['records']} in {len(repo.counts)} collections "
-          f"({repo.block_count} blocks, {len(data) / 1e6:.2f} MB, verified in {elapsed * 1000:.1f} ms)\n")
+          f"({repo.block_count} blocks, {size / 1e6:.2f} MB, verified in {elapsed * 1000:.1f} ms)\n")
+        if repo.invalid_paths:
+            w(f"invalid     {len(repo.invalid_paths)} MST keys are not collection/rkey, e.g. {repo.invalid_paths[0]!r}\n")
         width = max((len(c) for c in repo.counts), default=0)
         for coll, n in sorted(repo.counts.items()):
             w(f"  {coll:<{width}}  {n}\n")
     return 0 if ok else 1
+
+
+def _report_failure(repo: VerifiedRepo, path: str, signature: bool | None) -> int:
+    problems = []
+    if signature is False:
+        problems.append("the commit signature does not verify")
+    if not repo.mst_ok:
+        problems.append(f"the MST is invalid ({repo.mst_error})")
+    if repo.missing_records:
+        problems.append(f"{len(repo.missing_records)} record blocks are missing")
+    if repo.invalid_paths:
+        problems.append(f"{len(repo.invalid_paths)} MST keys are not collection/rkey")
+    print(f"psky: {path}: not emitting records: " + "; ".join(problems), file=sys.stderr)
+    return 1
+
+
+def _print_records(repo: VerifiedRepo, path: str) -> int:
+    """The records as the backfiller emits them: `create` events (seq -2), then one `repo` event."""
+    now = _now_iso()
+    commit = repo.commit_cid.encode()
+    bad = 0
+    for rec in repo.records(release=True):
+        line = None
+        if rec.value is not None:
+            try:
+                line = orjson.dumps({
+                    "type": "create", "seq": SEQ_BACKFILL, "time": now, "did": repo.did, "commit": commit,
+                    "rev": repo.rev, "collection": rec.collection, "rkey": rec.rkey, "cid": rec.cid.encode(),
+                    "record": rec.value})
+            except (orjson.JSONEncodeError, TypeError) as e:
+                rec = rec._replace(error=f"cannot be written as JSON: {e}")
+        if line is None:
+            bad += 1
+            print(f"psky: {path}: skipping record {rec.path} ({rec.cid.encode()}): {rec.error}", file=sys.stderr)
+            continue
+        sys.stdout.buffer.write(line + b"\n")
+    sys.stdout.buffer.flush()
+    _out({"type": "repo", "time": now, "did": repo.did, "commit": commit, "rev": repo.rev})
+    return 1 if bad else 0
 
 
 def iter_frame_file(data: bytes) -> Iterator[bytes]:

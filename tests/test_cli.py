@@ -302,3 +302,37 @@ def test_inspect_frames_live(relay_server: tuple[str, list[str]], key: PrivateKe
     lines = [orjson.loads(line) for line in res.stdout.splitlines()]
     assert [line["type"] for line in lines] == ["commit", "commit", "commit", "identity"]
     assert paths == ["/xrpc/com.atproto.sync.subscribeRepos?cursor=7"]
+
+
+def test_inspect_car_records_skips_unprintable_record(tmp_path: Path, key: PrivateKey) -> None:
+    """A record nested deeper than JSON tools accept is reported, not a crash; the rest print."""
+    from psky.atproto.car import write_car
+    from psky.atproto.commit import sign_commit
+    from psky.atproto.mst import MST
+
+    deep: Any = "leaf"
+    for _ in range(400):
+        deep = [deep]
+    good = cbor.encode_lex(RECORDS["app.bsky.feed.post/3jzfcijpj2z2a"])
+    bad = cbor.encode({"$type": "app.bsky.feed.post", "text": "x", "nested": deep})
+    entries = [("app.bsky.feed.post/3jzfcijpj2z2a", cbor.cid_for_cbor(good)),
+               ("app.bsky.feed.post/3jzfcijpj2z2b", cbor.cid_for_cbor(bad))]
+    tree = MST.from_entries(entries)
+    commit_cid, commit_block = sign_commit(DID, tree.root_cid(), "3jzfcijpj2z2z", key)
+    blocks = [(commit_cid, commit_block), *tree.blocks().items(),
+              (entries[0][1], good), (entries[1][1], bad)]
+    p = tmp_path / "deep.car"
+    p.write_bytes(write_car([commit_cid], blocks))
+    res = run("inspect", "car", str(p), "--records")
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "skipping record app.bsky.feed.post/3jzfcijpj2z2b" in res.stderr
+    lines = [orjson.loads(line) for line in res.stdout.splitlines()]
+    assert [e["type"] for e in lines] == ["create", "repo"]
+
+
+def test_inspect_car_from_stdin(car_file: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "psky.cli", "inspect", "car", "-", "--json"],
+                         input=car_file.read_bytes(), capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert orjson.loads(res.stdout)["records"] == 4
