@@ -1,0 +1,1 @@
+"""A local AT Protocol network on loopback (PLC, PDSes, relay, labeler) with injectable faults."""
