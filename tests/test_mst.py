@@ -820,3 +820,300 @@ def test_fuzz_corrupted_nodes(target: CID, flips: list[tuple[int, int]], strict:
         # inversion re-hashes what it loads: a tampered root never gets past the check
         with pytest.raises(MstError, match="does not match its CID"):
             invert_ops(blocks, root, [Op("create", EXAMPLE_KEYS[0], val(0))])
+
+
+# --- fast inversion against the reference algorithm -------------------------------------------
+
+from psky.atproto.mst import _invert_fast, _invert_thorough, _parse_node, _walk_node  # noqa: E402
+
+
+def _outcome(fn: Any, *args: Any) -> CID | type[Exception]:
+    try:
+        result: CID = fn(*args)
+    except MstError as e:
+        return type(e)
+    return result
+
+
+def _check_against_reference(
+    blocks: Mapping[CID, bytes], root: CID, ops: Sequence[Op], verify: bool, before: CID | None
+) -> CID | None:
+    """The fast inverter either defers (None) or agrees with the reference algorithm; and
+    where the reference rejects the tree, a root from the fast one is never ``before``."""
+    fast = _invert_fast(blocks, root, ops, verify)
+    ref = _outcome(_invert_thorough, blocks, root, ops, verify)
+    public = _outcome(lambda: invert_ops(blocks, root, ops, verify=verify)) if fast is None else fast
+    if fast is None:
+        assert public == ref  # the fallback is the reference
+    elif isinstance(ref, CID):
+        assert fast == ref
+    else:
+        assert fast != before, "an invalid tree inverted to the valid previous root"
+    return fast
+
+
+def _random_commit(
+    rnd: random.Random, keys: Sequence[str], pool: Sequence[str], n_ops: int
+) -> tuple[list[tuple[str, CID]], list[Op]]:
+    base = [(k, val(i)) for i, k in enumerate(keys)]
+    present = dict(base)
+    ops: list[Op] = []
+    used: set[str] = set()
+    for j in range(n_ops):
+        r = rnd.random()
+        if r < 0.45 or not present:
+            k = rnd.choice(pool)
+            if k in present or k in used:
+                continue
+            ops.append(Op("create", k, val(50_000 + j)))
+        else:
+            k = rnd.choice(sorted(present))
+            if k in used:
+                continue
+            if r < 0.85:
+                ops.append(Op("delete", k, None, present[k]))
+            else:
+                ops.append(Op("update", k, val(60_000 + j), present[k]))
+        used.add(k)
+    return base, ops
+
+
+# keys of every layer 0-5 (the interop examples) and many layer-0/1 keys around them
+_POOL = sorted({*EXAMPLE_KEYS, *(f"app.bsky.feed.post/3k{i:05d}" for i in range(400))})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_inversion_matches_reference_on_random_commits(seed: int) -> None:
+    """On valid covering proofs the fast path never defers and gives the reference root,
+    for trees of several layers and commits mixing creates (splitting subtrees when
+    undone), deletes (merging them) and updates, including ops on the same node."""
+    rnd = random.Random(seed)
+    for _ in range(25):
+        keys = rnd.sample(_POOL, rnd.choice((0, 1, 3, 20, 80, 250)))
+        base, ops = _random_commit(rnd, keys, _POOL, rnd.choice((1, 1, 2, 3, 6)))
+        before, after, proof = _commit(base, ops)
+        for verify in (False, True):
+            fast = _check_against_reference(proof, after.root_cid(), ops, verify, before)
+            assert fast == before
+        assert invert_ops(after.blocks(), after.root_cid(), ops, verify=False) == before
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_POOL), unique=True, max_size=120), st.randoms(use_true_random=False))
+def test_prop_fast_inversion_matches_reference(keys: list[str], rnd: random.Random) -> None:
+    base, ops = _random_commit(rnd, keys, _POOL, rnd.randint(1, 5))
+    before, after, proof = _commit(base, ops)
+    assert _check_against_reference(proof, after.root_cid(), ops, False, before) == before
+    # the same commit with its ops in another order inverts the same way
+    shuffled = ops.copy()
+    rnd.shuffle(shuffled)
+    assert _check_against_reference(proof, after.root_cid(), shuffled, False, before) == before
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(_POOL), unique=True, min_size=1, max_size=120),
+    st.randoms(use_true_random=False),
+    st.sampled_from(["drop", "op-cid", "op-prev", "op-missing", "op-extra", "op-kind", "flip", "swap"]),
+)
+def test_prop_fast_inversion_tampered(keys: list[str], rnd: random.Random, how: str) -> None:
+    """Tampered proofs and ops: the fast path defers or agrees with the reference, and never
+    yields the previous root from a tree the reference rejects."""
+    base, ops = _random_commit(rnd, keys, _POOL, rnd.randint(1, 4))
+    assume(ops)
+    before, after, proof = _commit(base, ops)
+    root = after.root_cid()
+    blocks = dict(proof)
+    verify = False
+    i = rnd.randrange(len(ops))
+    if how == "drop":
+        del blocks[rnd.choice(sorted(blocks, key=lambda c: c.cid_bytes))]
+    elif how == "op-cid":
+        assume(ops[i].cid is not None)
+        ops[i] = ops[i]._replace(cid=val(-1))
+    elif how == "op-prev":
+        assume(ops[i].prev is not None)
+        ops[i] = ops[i]._replace(prev=val(-2))
+    elif how == "op-missing":
+        del ops[i]
+    elif how == "op-extra":
+        extra = next((k for k in _POOL if k not in keys and all(o.path != k for o in ops)), None)
+        assume(extra is not None)
+        ops.append(Op("create", str(extra), val(-3)))
+    elif how == "op-kind":
+        op = ops[i]
+        kind = {"create": "update", "update": "delete", "delete": "create"}[op.action]
+        ops[i] = op._replace(action=kind)
+    else:
+        target = rnd.choice(sorted(blocks, key=lambda c: c.cid_bytes))
+        data = bytearray(blocks[target])
+        if how == "flip":
+            for _ in range(rnd.randint(1, 3)):
+                data[rnd.randrange(len(data))] ^= rnd.randint(1, 255)
+        else:
+            # a well-formed but different node: the same shape with other keys or values
+            other = MST.from_entries([(k, val(i + 1)) for i, (k, _) in enumerate(base)]).blocks()
+            data = bytearray(rnd.choice(sorted(other.values())))
+        verify = rnd.random() < 0.5
+        if verify:
+            blocks[target] = bytes(data)  # under its old CID: the hash check must notice
+        else:
+            # a hostile but content-addressed tree (what a trusted block map holds)
+            blocks, root = _retarget(blocks, root, target, bytes(data))
+    result = _check_against_reference(blocks, root, ops, verify, before)
+    if how.startswith("op-"):
+        assert result != before  # (a changed block may be one the inversion does not need)
+
+
+def _retarget(blocks: dict[CID, bytes], root: CID, target: CID, data: bytes) -> tuple[dict[CID, bytes], CID]:
+    """Replace a node by other bytes stored under their own CID, relinking its ancestors."""
+    parents: dict[CID, CID] = {}
+    for cid, block in blocks.items():
+        node = cbor.decode(block)
+        for link in [node["l"], *(e["t"] for e in node["e"])]:
+            if link is not None:
+                parents[link] = cid
+    out = dict(blocks)
+    old, new = target, cbor.cid_for_cbor(data)
+    del out[old]
+    out[new] = data
+    while old != root:
+        parent = parents[old]
+        block = out.pop(parent).replace(old.cid_bytes, new.cid_bytes)
+        old, new = parent, cbor.cid_for_cbor(block)
+        out[new] = block
+    return out, new
+
+
+def test_fast_inversion_checks_the_computed_root_layer() -> None:
+    """A node holding a layer-1 key and a layer-0 key: removing the first would leave a
+    single, valid-looking leaf. The reference rejects the tree; the fast path must not
+    return the root of that leaf."""
+    k = H1[0]
+    x = next(k0 for k0 in H0 if k0 > k)
+    blocks: dict[CID, bytes] = {}
+    root = _put(blocks, _node(None, [(k, LEAF, None), (x, val(1), None)]))
+    ops = [Op("create", k, LEAF)]
+    before = MST.from_entries([(x, val(1))]).root_cid()
+    assert _invert_fast(blocks, root, ops, False) is None
+    with pytest.raises(MstError, match="layer"):
+        invert_ops(blocks, root, ops)
+
+
+def test_fast_inversion_checks_the_removed_keys_neighbours() -> None:
+    """The removed key out of order in its node, or not canonically compressed: a tree the
+    reference rejects, which would be valid once the key is gone."""
+    a, b, c = H0[0], H0[1], H0[2]
+    assert a < b < c
+    # c placed between a and b: bisect still finds it; without it the node is sorted
+    blocks: dict[CID, bytes] = {}
+    root = _put(blocks, _node(None, [(a, val(1), None), (c, LEAF, None), (b, val(2), None)]))
+    ops = [Op("create", c, LEAF)]
+    before = MST.from_entries([(a, val(1)), (b, val(2))]).root_cid()
+    assert _check_against_reference(blocks, root, ops, False, before) is None
+    # the removed key's entry not maximally compressed against its predecessor
+    a, b = [k for k in (f"app.bsky.feed.post/3k{i:05d}" for i in range(50)) if key_height(k) == 0][:2]
+    blocks = {}
+    ents = [
+        {"p": 0, "k": a.encode(), "v": val(1), "t": None},
+        {"p": 0, "k": b.encode(), "v": LEAF, "t": None},
+    ]
+    root = _put(blocks, cbor.encode({"l": None, "e": ents}))
+    ops = [Op("create", b, LEAF)]
+    before = MST.from_entries([(a, val(1))]).root_cid()
+    assert _check_against_reference(blocks, root, ops, False, before) is None
+    with pytest.raises(MstError, match="compressed"):
+        invert_ops(blocks, root, ops)
+
+
+def test_fast_inversion_misplaced_keys_elsewhere_stay_misplaced() -> None:
+    """A key at the wrong layer that the ops do not touch: the reference rejects the tree;
+    the fast path may compute a root, but it cannot be the (valid) previous one."""
+    top = H1[0]
+    low = [k for k in H0 if k > top][:3]
+    wrong = next(k for k in H2 if k > low[-1])  # a layer-2 key in a layer-0 node
+    blocks: dict[CID, bytes] = {}
+    leaf = _put(blocks, _node(None, [(low[0], val(1), None), (low[1], LEAF, None), (wrong, val(3), None)]))
+    root = _put(blocks, _node(None, [(top, val(0), leaf)]))
+    ops = [Op("create", low[1], LEAF)]
+    before = MST.from_entries([(top, val(0)), (low[0], val(1)), (wrong, val(3))]).root_cid()
+    with pytest.raises(MstError, match="layer"):
+        _invert_thorough(blocks, root, ops, False)
+    fast = _check_against_reference(blocks, root, ops, False, before)
+    assert fast is not None  # it does not look at that key: the misplaced key is carried over
+    # ... into a tree that is just as invalid: the root it computes is not the valid one
+    assert invert_ops(blocks, root, ops) == fast != before
+
+
+def test_fast_inversion_tampered_root_with_verify() -> None:
+    ops = [Op("create", "app.bsky.feed.post/3l2", val(500))]
+    _, after, proof = _commit(BASE, ops)
+    forged = dict(proof)
+    other = MST.from_entries([*BASE, ("app.bsky.feed.post/3l2", val(501))])
+    forged[after.root_cid()] = other.blocks()[other.root_cid()]
+    assert _invert_fast(forged, after.root_cid(), ops, True) is None
+    with pytest.raises(MstError, match="does not match its CID"):
+        invert_ops(forged, after.root_cid(), ops)
+    # trusted (the caller vouches for the blocks): another tree, whose nodes are not there
+    with pytest.raises(MissingBlock):
+        invert_ops(forged, after.root_cid(), ops, verify=False)
+
+
+@pytest.mark.parametrize("f", PROOF_FIXTURES, ids=lambda f: f["comment"])
+def test_commit_proof_fixture_fast_path(f: dict[str, Any]) -> None:
+    after = cbor.parse_cid(f["rootAfterCommit"])
+    leaf = cbor.parse_cid(f["leafValue"])
+    tree = MST.from_entries([(k, leaf) for k in f["keys"] + f["adds"] if k not in f["dels"]])
+    proof = tree.covering_proof(f["adds"] + f["dels"])
+    ops = [Op("create", k, leaf) for k in f["adds"]] + [Op("delete", k, None, leaf) for k in f["dels"]]
+    for order in itertools.permutations(ops):
+        for verify in (False, True):
+            fast = _invert_fast(proof, after, order, verify)
+            assert fast is not None and fast.encode() == f["rootBeforeCommit"]
+
+
+# --- the strict walk's node reader against the thorough one ------------------------------------
+
+
+def _node_outcome(data: bytes) -> object:
+    fake = cbor.cid_for_cbor(data)
+    try:
+        return _parse_node(data, fake, True)
+    except MstError:
+        return MstError
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(_FUZZ_CIDS),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=3),
+)
+def test_fuzz_walk_node_agrees_with_parse_node(target: CID, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(_FUZZ_BLOCKS[target])
+    for pos, x in flips:
+        data[pos % len(data)] ^= x
+    fast = _walk_node(bytes(data))
+    ref = _node_outcome(bytes(data))
+    if fast is not None:
+        assert fast[:4] == ref
+        assert fast[4] == (fast[0] is not None or any(fast[3]))
+    # (None only defers: _parse_node then decides, so a None on a valid node costs time only)
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"l": None, "e": [{"p": 0, "k": b"a/b", "v": cbor.cid_for_raw(b"x"), "t": None}]},
+        {"l": None, "e": [{"p": 0, "k": b"a/b", "v": CID(b"\x01\x71\x13\x20" + bytes(32)), "t": None}]},
+        {"l": None, "e": [{"p": 0, "k": b"a/b", "v": LEAF, "t": None, "x": 1}]},
+        {"l": None, "e": [{"p": 0, "k": b"a/b", "v": LEAF, "t": None}], "z": 0},
+        {"l": None, "e": [{"p": 0, "k": b"a/b\nc/d", "v": LEAF, "t": None}]},
+        {"l": None, "e": [{"p": 0, "k": b"a/b", "v": LEAF, "t": None}, {"p": 3, "k": b"\nc/d", "v": LEAF, "t": None}]},
+        {"l": None, "e": [{"p": 0, "k": b"", "v": LEAF, "t": None}]},
+    ],
+)
+def test_walk_node_edge_cases(node: object) -> None:
+    data = cbor.encode(node)
+    fast = _walk_node(data)
+    if fast is not None:
+        assert fast[:4] == _node_outcome(data)

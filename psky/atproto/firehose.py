@@ -756,7 +756,8 @@ def _check_proof(
     """Inductive proof when possible; otherwise at least tie each op to the signed tree."""
     if ev.prev_data is not None and not legacy and len(ops) == len(ev.ops):
         try:
-            root_before = invert_ops(blocks, commit.data, ops)
+            # read_car(..., verify=True) has hash-checked every block: no need to re-hash
+            root_before = invert_ops(blocks, commit.data, ops, verify=False)
         except MissingBlock as e:
             res.proof = False
             res._fail("missing-block", f"proof: {e}")

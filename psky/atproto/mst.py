@@ -28,7 +28,9 @@ import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
-from typing import AnyStr, Final, NamedTuple, TypeAlias
+from typing import Any, AnyStr, Final, NamedTuple, TypeAlias
+
+import cbrrr
 
 from psky.atproto import cbor
 from psky.atproto.cbor import CID
@@ -215,6 +217,11 @@ def _parse_node(
 
 
 _ENTRY_FIELDS: Final = itemgetter("p", "k", "v", "t")
+_NODE_PFX: Final = CID.CIDV1_DAG_CBOR_SHA256_32_PFX
+_RAW_PFX: Final = CID.CIDV1_RAW_SHA256_32_PFX
+#: the plain C decoder, for node blocks already checked against their CID
+_c_decode: Final = cbor._c_decode
+_DECODE_ERRORS: Final = (ValueError, TypeError, EOFError, OverflowError, RecursionError, cbrrr.CbrrrDecodeError)
 
 
 def _entry_fallback(ent: object, cid: CID, strict: bool) -> tuple[object, object, object, object]:
@@ -238,64 +245,149 @@ def walk(blocks: Mapping[CID, bytes], root: CID, *, strict: bool = True) -> Iter
     non-root node without a subtree link, no empty root pointing to a subtree, canonical
     node encoding. Missing nodes raise :class:`MissingBlock`.
     """
-    seen: set[CID] = set()
-    # stack items: (CID, layer) for nodes, (key bytes, value CID) for leaves
+    if strict:
+        return _walk_strict(blocks, root)
+    return _walk_lax(blocks, root)
+
+
+#: repo paths joined by newlines (which no valid key contains), checked in one regex call
+_KEY_BODY: Final = rb"(?!\.\.?/)[A-Za-z0-9._:~-]+/(?!\.\.?(?:\n|\Z))[A-Za-z0-9._:~-]+"
+_KEYS_RE: Final = re.compile(rb"(?:" + _KEY_BODY + rb"\n)*" + _KEY_BODY + rb"\Z")
+#: for layers 0-3, the range of the first byte of sha256(key) that puts a key there
+_LAYER_FIRST_BYTE: Final = ((64, 256), (16, 64), (4, 16), (1, 4))
+
+
+def _walk_node(data: bytes) -> tuple[CID | None, list[bytes], list[CID], list[CID | None], bool] | None:
+    """Strict decoding of one node for the walk: (left, keys, values, right links, has
+    links), or None when anything is off (then :func:`_parse_node` says what).
+
+    The same checks as ``_parse_node(..., strict=True)``, arranged for speed: the plain C
+    decoder (CIDs are checked here, only where they are not the usual 36-byte form) and one
+    regex call for all keys of the node."""
+    try:
+        obj, used = _c_decode(data, CID, False)
+    except _DECODE_ERRORS:
+        return None
+    if used != len(data) or type(obj) is not dict:
+        return None
+    try:
+        ents = obj["e"]
+        left = obj["l"]
+    except KeyError:
+        return None
+    if type(ents) is not list:
+        return None
+    node_pfx = _NODE_PFX
+    raw_pfx = _RAW_PFX
+    links = False
+    if left is not None:
+        if type(left) is not CID or len(left.cid_bytes) != 36 or left.cid_bytes[:4] != node_pfx:
+            return None
+        links = True
+    keys: list[bytes] = []
+    vals: list[CID] = []
+    rights: list[CID | None] = []
+    prev = b""
+    fields = _ENTRY_FIELDS
+    for ent in ents:
+        try:
+            p, k, v, t = fields(ent)
+        except (KeyError, TypeError):
+            return None
+        if type(p) is not int or type(k) is not bytes or type(v) is not CID or p < 0 or p > len(prev):
+            return None
+        key = prev[:p] + k
+        # strictly after the previous key (so not empty), and maximally prefix-compressed:
+        # the first new byte differs from the previous key's byte at that position
+        if key <= prev or k[:1] == prev[p : p + 1]:
+            return None
+        vb = v.cid_bytes
+        if (len(vb) != 36 or (vb[:4] != node_pfx and vb[:4] != raw_pfx)) and not cbor.is_valid_cid(v):
+            return None
+        if t is not None:
+            if type(t) is not CID or len(t.cid_bytes) != 36 or t.cid_bytes[:4] != node_pfx:
+                return None
+            links = True
+        keys.append(key)
+        vals.append(v)
+        rights.append(t)
+        prev = key
+    if keys:
+        joined = b"\n".join(keys)
+        if (
+            joined.count(b"\n") != len(keys) - 1
+            or max(map(len, keys)) > MAX_KEY_LEN
+            or _KEYS_RE.match(joined) is None
+        ):
+            return None
+    return left, keys, vals, rights, links
+
+
+def _walk_strict(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, CID]]:
+    seen: set[bytes] = set()
+    # stack items: (CID, layer) for nodes, (key bytes, value CID) for keys of inner nodes
     stack: list[tuple[CID, int] | tuple[bytes, CID]] = [(root, -1)]
     pop = stack.pop
     push = stack.append
+    sha = _sha256
     last = b""
     first = True
     while stack:
         a, b = pop()
         if type(a) is bytes:
-            if strict:
-                if a <= last and not first:
-                    raise MstError(f"MST keys out of order: {a!r:.80} after {last!r:.80}")
-                last = a
-                first = False
-                yield a.decode("ascii"), b  # type: ignore[misc]
-            else:
-                yield a.decode("utf-8", "surrogateescape"), b  # type: ignore[misc]
+            if a <= last and not first:
+                raise MstError(f"MST keys out of order: {a!r:.80} after {last!r:.80}")
+            last = a
+            first = False
+            yield a.decode("ascii"), b  # type: ignore[misc]
             continue
         cid: CID = a  # type: ignore[assignment]
         layer: int = b  # type: ignore[assignment]
-        if cid in seen:
+        cb = cid.cid_bytes
+        if cb in seen:
             raise MstError(f"MST node {cid.encode()} is reached twice (cycle or shared subtree)")
-        seen.add(cid)
+        seen.add(cb)
         data = blocks.get(cid)
         if data is None:
             raise MissingBlock(cid)
-        left, keys, vals, rights = _parse_node(data, cid, strict)
-        if strict:
-            if keys:
-                if layer < 0:
-                    layer = key_height(keys[0])
+        parsed = _walk_node(data)
+        if parsed is None:
+            # something is wrong or unusual: the thorough parser names it (or accepts it)
+            left, keys, vals, rights = _parse_node(data, cid, True)
+            links = left is not None or any(rights)
+        else:
+            left, keys, vals, rights, links = parsed
+        if keys:
+            if layer < 0:
+                layer = key_height(keys[0])
+            if layer < 4:
+                lo_b, hi_b = _LAYER_FIRST_BYTE[layer]
+                firsts = [sha(k).digest()[0] for k in keys]
+                ok = min(firsts) >= lo_b and max(firsts) < hi_b
+            else:
+                ok = False
+            if not ok:
                 for k in keys:
                     if key_height(k) != layer:
                         raise MstError(
                             f"MST node {cid.encode()}: key {k!r:.80} has layer {key_height(k)}, node is at {layer}"
                         )
-            elif layer < 0:
-                if left is not None:
-                    raise MstError(f"MST root {cid.encode()} is an empty node pointing to a subtree")
-            elif left is None:
-                raise MstError(f"MST node {cid.encode()} is empty")
-            if layer <= 0 and (left is not None or any(rights)):
-                raise MstError(f"MST node {cid.encode()} at layer 0 links to a subtree")
-        if left is None and not any(rights):
+        elif layer < 0:
+            if left is not None:
+                raise MstError(f"MST root {cid.encode()} is an empty node pointing to a subtree")
+        elif left is None:
+            raise MstError(f"MST node {cid.encode()} is empty")
+        if not links:
             # a node without subtrees (most of them): its entries come next, emit them now
-            if strict:
-                if keys and keys[0] <= last and not first:
+            if keys:
+                if keys[0] <= last and not first:
                     raise MstError(f"MST keys out of order: {keys[0]!r:.80} after {last!r:.80}")
-                if keys:
-                    last = keys[-1]
-                    first = False
-                for i, k in enumerate(keys):
-                    yield k.decode("ascii"), vals[i]
-            else:
-                for i, k in enumerate(keys):
-                    yield k.decode("utf-8", "surrogateescape"), vals[i]
+                last = keys[-1]
+                first = False
+                yield from zip(b"\n".join(keys).decode("ascii").split("\n"), vals, strict=True)
             continue
+        if layer <= 0:
+            raise MstError(f"MST node {cid.encode()} at layer 0 links to a subtree")
         child = layer - 1
         for i in range(len(keys) - 1, -1, -1):
             t = rights[i]
@@ -304,6 +396,38 @@ def walk(blocks: Mapping[CID, bytes], root: CID, *, strict: bool = True) -> Iter
             push((keys[i], vals[i]))
         if left is not None:
             push((left, child))
+
+
+def _walk_lax(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, CID]]:
+    seen: set[bytes] = set()
+    stack: list[tuple[CID, int] | tuple[bytes, CID]] = [(root, -1)]
+    pop = stack.pop
+    push = stack.append
+    while stack:
+        a, b = pop()
+        if type(a) is bytes:
+            yield a.decode("utf-8", "surrogateescape"), b  # type: ignore[misc]
+            continue
+        cid: CID = a  # type: ignore[assignment]
+        cb = cid.cid_bytes
+        if cb in seen:
+            raise MstError(f"MST node {cid.encode()} is reached twice (cycle or shared subtree)")
+        seen.add(cb)
+        data = blocks.get(cid)
+        if data is None:
+            raise MissingBlock(cid)
+        left, keys, vals, rights = _parse_node(data, cid, False)
+        if left is None and not any(rights):
+            for i, k in enumerate(keys):
+                yield k.decode("utf-8", "surrogateescape"), vals[i]
+            continue
+        for i in range(len(keys) - 1, -1, -1):
+            t = rights[i]
+            if t is not None:
+                push((t, 0))
+            push((keys[i], vals[i]))
+        if left is not None:
+            push((left, 0))
 
 
 def list_entries(blocks: Mapping[CID, bytes], root: CID, *, strict: bool = True) -> list[tuple[str, CID]]:
@@ -1006,14 +1130,31 @@ def _invert_order(ops: Sequence[Op]) -> list[list[Op]]:
     return orders
 
 
-def invert_ops(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence[Op]) -> CID:
+def invert_ops(
+    blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence[Op], *, verify: bool = True
+) -> CID:
     """Undo a commit's operations on its (partial) tree; return the MST root before it.
 
-    Uses only ``blocks`` (nodes are re-hashed as they are loaded). Each op is first checked
-    against the tree after the commit: created/updated keys must map to ``op.cid``, deleted
-    keys must be absent. Raises MissingBlock when the proof lacks a needed node and MstError
-    for invalid ops or trees. The caller compares the result with the event's ``prevData``.
+    Uses only ``blocks``. ``verify`` re-hashes each node as it is loaded; pass False only
+    when every block was already checked against its CID (``read_car(..., verify=True)``).
+    Each op must agree with the tree after the commit: created/updated keys map to
+    ``op.cid``, deleted keys are absent. Raises MissingBlock when the proof lacks a needed
+    node and MstError for invalid ops or trees. The caller compares the result with the
+    event's ``prevData``.
+
+    A lean inverter handles the usual case; anything it does not fully vouch for (a missing
+    node, any irregularity, an op that does not match the tree) is decided again by the
+    thorough algorithm, so results and errors are those of :func:`_invert_thorough`.
     """
+    root = _invert_fast(blocks, root_after, ops, verify)
+    if root is not None:
+        return root
+    return _invert_thorough(blocks, root_after, ops, verify)
+
+
+def _invert_thorough(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence[Op], verify: bool) -> CID:
+    """The reference inversion on :class:`MST`: checks every op against the tree first, then
+    undoes them, retrying other orders when a node is missing (see :func:`_invert_order`)."""
     seen: set[str] = set()
     keyed: list[tuple[Op, bytes]] = []
     for op in ops:
@@ -1022,7 +1163,7 @@ def invert_ops(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence[Op]) 
             raise MstError(f"path {op.path!r:.200} appears in more than one op")
         seen.add(op.path)
         keyed.append((op, _key_bytes(op.path)))
-    tree = MST.load(blocks, root_after, verify=True)
+    tree = MST.load(blocks, root_after, verify=verify)
     for op, kb in keyed:
         current = tree.get(kb)
         if op.action == "delete":
@@ -1048,3 +1189,850 @@ def invert_ops(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence[Op]) 
                 first_missing = e
     assert first_missing is not None
     raise first_missing
+
+
+# --- fast operation inversion -----------------------------------------------------------
+#
+# The lean inverter below makes the same tree edits as the thorough one with far less work
+# per node, trusting only what it checks:
+#
+# * Every node is decoded with the strict C decoder, so its bytes are canonical DAG-CBOR:
+#   each item has exactly one encoding, and a link occurs in the bytes exactly where the
+#   decoded node has it.
+# * Nodes the edits merely pass through on the way down ("light" nodes) are read only up
+#   to the key's slot. Their new bytes are their old bytes with the one changed child link
+#   spliced in (where that link occurs exactly once), so everything else they hold is
+#   carried into the computed tree unchanged.
+# * In the key's own node, the common edits (removing or adding a key that has no subtree
+#   beside it, changing a value) are splices of the entries involved, after checking those
+#   entries' order and prefix compression. Other edits (merges, splits, new subtrees) run
+#   on fully decoded nodes checked like the thorough path does (node shape, links, key
+#   order and prefix compression, parent-slot bounds, no empty nodes, no subtrees at layer
+#   0) and re-encode them.
+# * Key heights (a SHA-256 each) are computed for the ops' keys and the roots only.
+#
+# Why the checks it skips cannot let an invalid tree pass: inversion keeps every other key,
+# entry and light node byte-for-byte, and splits and merges keep keys within their layer.
+# The inverter checks that the computed root sits at its first key's layer, which pins the
+# layer of every node. So a defect in the unchecked parts of the tree after the commit (a
+# key at the wrong layer, a malformed key, unsorted keys elsewhere) is still present in the
+# computed tree before it, whose root then cannot be a valid ``prevData``: at most an
+# equally broken previous tree could match. A key an op removes does not stay, so it is
+# checked against both its in-order neighbours (in its node, in the merged spines, or the
+# slot bounds met on the way down), which is all a sorted tree needs. Anything unexpected
+# ends the fast attempt, and the thorough algorithm decides (and produces the error).
+
+
+class _Bail(Exception):
+    """Raised inside the fast inverter for anything it leaves to the thorough one."""
+
+
+class _Other(Exception):
+    """The key's own node needs a general edit rather than a splice."""
+
+
+#: how a 36-byte CID link is encoded in DAG-CBOR: tag 42, bytes(37), identity multibase 0x00
+_LINK: Final = b"\xd8\x2a\x58\x25\x00"
+#: every canonical MST node starts with map(2), "e" (keys sort by length, then bytes)
+_NODE_START: Final = b"\xa2\x61\x65"
+#: unexpected shapes met while reading light nodes (wrong types, missing fields)
+_SHAPE_ERRORS: Final = (KeyError, TypeError, IndexError, AttributeError)
+
+#: a subtree in the fast inverter: a node, or the CID bytes of a link not yet followed
+_FRef: TypeAlias = "_FNode | _LNode | bytes | None"
+_Path: TypeAlias = "list[tuple[_LNode, int, int, bytes | None, bytes | None]]"
+
+
+def _head(major: int, n: int) -> bytes:
+    """Canonical CBOR head of a major type with argument ``n`` (< 2**16 here)."""
+    if n < 24:
+        return bytes((major | n,))
+    if n < 256:
+        return bytes((major | 24, n))
+    if n < 65536:
+        return bytes((major | 25, n >> 8, n & 0xFF))
+    raise _Bail
+
+
+_UINT: Final = [_head(0x00, n) for n in range(256)]
+_BYTES: Final = [_head(0x40, n) for n in range(256)]
+
+
+def _entry_bytes(p: int, suffix: bytes, t: bytes | bytearray | None, v: bytes | bytearray) -> bytes:
+    """Canonical encoding of one node entry {"k", "p", "t", "v"} (36-byte links)."""
+    if len(v) != 36 or (t is not None and len(t) != 36):
+        raise _Other
+    n = len(suffix)
+    return b"".join(
+        (
+            b"\xa4\x61k",
+            _BYTES[n] if n < 256 else _head(0x40, n),
+            suffix,
+            b"\x61p",
+            _UINT[p] if p < 256 else _head(0x00, p),
+            b"\x61t\xf6" if t is None else b"\x61t" + _LINK + t,
+            b"\x61v" + _LINK,
+            v,
+        )
+    )
+
+
+class _FNode:
+    """A fully decoded node of the fast inverter.
+
+    Loaded nodes know their CID bytes ``cb`` and canonical ``data`` and are never changed;
+    ``src`` is the node itself. A node derived from one by replacing values or subtrees
+    (and nothing else: ``keys`` is the very same list) keeps that loaded node as ``src``, so
+    its bytes are the source bytes with the changed links spliced in. Other new nodes have
+    no ``src``.
+    """
+
+    __slots__ = ("cb", "data", "keys", "src", "subs", "vals")
+
+    def __init__(self, keys: list[bytes], vals: list[CID], subs: list[_FRef], src: _FNode | None = None) -> None:
+        self.keys = keys
+        self.vals = vals
+        self.subs = subs  # len(keys) + 1: subs[0] = "l", subs[i + 1] = entry i's "t"
+        self.src = src
+        self.cb: bytes | None = None
+        self.data: bytes | None = None
+
+
+class _LNode:
+    """A light node: bytes and their decoded entries (links as bytearray), not unpacked.
+
+    A loaded one has its CID bytes ``cb``; a fresh one (made by a splice in the key's node)
+    has only ``data`` until its CID is needed, and ``ents`` only once something reads them.
+    A node that edits passed through is derived from one of those (``src``) with ``over``:
+    the new subtrees by slot; its bytes are the source bytes with those links spliced in.
+    """
+
+    __slots__ = ("cb", "data", "ents", "left", "over", "src")
+
+    def __init__(
+        self,
+        src: _LNode | None,
+        ents: Any,
+        left: Any,
+        over: dict[int, _FRef] | None,
+        cb: bytes | None = None,
+        data: bytes | None = None,
+    ) -> None:
+        self.src: _LNode = src if src is not None else self
+        self.ents = ents
+        self.left = left
+        self.over = over
+        self.cb = cb
+        self.data = data
+
+
+def _light_decode(data: bytes) -> tuple[Any, Any]:
+    """(entries, left link) of a node, strictly decoded; links come out as bytearray."""
+    if not data.startswith(_NODE_START):
+        raise _Bail
+    try:
+        obj, used = _c_decode(data, bytearray, False)
+    except _DECODE_ERRORS:
+        raise _Bail from None
+    if used != len(data):
+        raise _Bail
+    return obj["e"], obj["l"]
+
+
+def _ents(src: _LNode) -> Any:
+    """Entries of a loaded or fresh light node (decoding a fresh one on first use)."""
+    ents = src.ents
+    if ents is None:
+        assert src.data is not None
+        ents, _ = _light_decode(src.data)
+        src.ents = ents
+    return ents
+
+
+def _link_bytes(raw: object) -> bytes | None:
+    """A decoded light-node link as CID bytes, if it is a dag-cbor SHA-256 CID."""
+    if raw is None:
+        return None
+    if type(raw) is not bytearray or len(raw) != 36 or raw[:4] != _NODE_PFX:
+        raise _Bail
+    return bytes(raw)
+
+
+def _fparse(data: bytes, layer: int) -> _FNode:
+    """Decode a node block with the strict C decoder and check it fully (but for key layers
+    and key syntax); ``layer`` 0 forbids subtree links, -1 does not know the layer."""
+    if not data.startswith(_NODE_START):
+        raise _Bail
+    try:
+        obj, used = _c_decode(data, CID, False)
+    except _DECODE_ERRORS:
+        raise _Bail from None
+    if used != len(data) or type(obj) is not dict or len(obj) != 2:
+        raise _Bail
+    try:
+        ents = obj["e"]
+        left = obj["l"]
+    except KeyError:
+        raise _Bail from None
+    if type(ents) is not list:
+        raise _Bail
+    if left is not None:
+        if layer == 0 or type(left) is not CID:
+            raise _Bail
+        left = left.cid_bytes
+        if len(left) != 36 or left[:4] != _NODE_PFX:
+            raise _Bail
+    keys: list[bytes] = []
+    vals: list[CID] = []
+    subs: list[_FRef] = [left]
+    prev = b""
+    fields = _ENTRY_FIELDS
+    for ent in ents:
+        if type(ent) is not dict or len(ent) != 4:
+            raise _Bail
+        try:
+            p, k, v, t = fields(ent)
+        except KeyError:
+            raise _Bail from None
+        if type(p) is not int or type(k) is not bytes or type(v) is not CID:
+            raise _Bail
+        if p == 0:
+            key = k
+            if prev and k[:1] == prev[:1]:
+                raise _Bail  # not maximally prefix-compressed
+        elif 0 < p <= len(prev):
+            key = prev[:p] + k
+            if p < len(prev) and k[:1] == prev[p : p + 1]:
+                raise _Bail
+        else:
+            raise _Bail
+        if key <= prev:
+            raise _Bail  # out of order, repeated, or empty
+        if t is not None:
+            if layer == 0 or type(t) is not CID:
+                raise _Bail
+            t = t.cid_bytes
+            if len(t) != 36 or t[:4] != _NODE_PFX:
+                raise _Bail
+        keys.append(key)
+        vals.append(v)
+        subs.append(t)
+        prev = key
+    node = _FNode(keys, vals, subs)
+    node.src = node
+    node.data = data
+    return node
+
+
+def _lscan(ents: Any, kb: bytes) -> tuple[int, bytes | None, bytes]:
+    """Slot of ``kb`` among a light node's entries: (i, keys[i] or None past the end,
+    keys[i - 1] or b"" at the start). Reads entries only up to the slot."""
+    prev = b""
+    i = 0
+    for e in ents:
+        p = e["p"]
+        key = prev[:p] + e["k"] if p else e["k"]
+        if key >= kb:
+            return i, key, prev
+        prev = key
+        i += 1
+    return i, None, prev
+
+
+def _lfirst(n: _LNode) -> bytes:
+    e = _ents(n.src)[0]
+    k = e["k"]
+    if e["p"] != 0 or type(k) is not bytes:
+        raise _Bail
+    return k
+
+
+def _fmk(keys: list[bytes], vals: list[CID], subs: list[_FRef]) -> _FNode | None:
+    """A new node, or None when it would be empty with no subtree."""
+    if not keys and subs[0] is None:
+        return None
+    return _FNode(keys, vals, subs)
+
+
+def _fderive(n: _FNode, vals: list[CID], subs: list[_FRef]) -> _FNode | None:
+    """``n`` with other values/subtrees and the same keys (bytes patchable from its source)."""
+    if not n.keys and subs[0] is None:
+        return None
+    return _FNode(n.keys, vals, subs, n.src)
+
+
+def _link(ref: _FRef) -> CID | None:
+    """A subtree reference as the CID to encode."""
+    if ref is None:
+        return None
+    return CID(ref if type(ref) is bytes else _fcid(ref))  # type: ignore[arg-type]
+
+
+def _fencode(n: _FNode) -> bytes:
+    """Canonical node bytes, built from scratch."""
+    subs = n.subs
+    vals = n.vals
+    ents = []
+    prev = b""
+    for i, k in enumerate(n.keys):
+        p = _prefix_len(prev, k)
+        ents.append({"p": p, "k": k[p:], "v": vals[i], "t": _link(subs[i + 1])})
+        prev = k
+    return cbor.encode({"e": ents, "l": _link(subs[0])})
+
+
+def _splice(data: bytes, old: bytes | bytearray, new: bytes) -> bytes:
+    """Replace the one link to ``old`` in node bytes by a link to ``new`` (both 36 bytes)."""
+    pat = _LINK + old
+    j = data.find(pat)
+    if j < 0 or len(old) != 36 or len(new) != 36 or data.find(pat, j + 1) >= 0:
+        raise _Bail
+    return data[: j + 5] + new + data[j + 41 :]
+
+
+def _fbytes(n: _FNode) -> bytes:
+    """Bytes of a full node: its source's bytes with changed values and links spliced in,
+    or a fresh encoding when there is no source or a change is not a link swap."""
+    src = n.src
+    if src is None:
+        return _fencode(n)
+    data = src.data
+    assert data is not None
+    try:
+        for i, v in enumerate(n.vals):
+            o = src.vals[i]
+            if v is not o and v != o:
+                data = _splice(data, o.cid_bytes, v.cid_bytes)
+        for i, x in enumerate(n.subs):
+            ob = src.subs[i]
+            if x is ob:
+                continue
+            if x is None or ob is None:
+                return _fencode(n)
+            nb = x if type(x) is bytes else _fcid(x)  # type: ignore[arg-type]
+            if nb != ob:
+                data = _splice(data, ob, nb)  # type: ignore[arg-type]
+    except _Bail:
+        return _fencode(n)
+    return data
+
+
+def _fcid(n: _FNode | _LNode) -> bytes:
+    """CID bytes of a node, encoding it (and new children) on first use."""
+    cb = n.cb
+    if cb is not None:
+        return cb
+    data: bytes | None
+    if isinstance(n, _FNode):
+        data = _fbytes(n)
+    elif n.over is None:
+        data = n.data  # a fresh light node
+    else:
+        src = n.src
+        data = src.data
+        ents = src.ents
+        for i, ref in n.over.items():
+            old = ents[i - 1]["t"] if i else src.left
+            new = ref if type(ref) is bytes else _fcid(ref)  # type: ignore[arg-type]
+            if new != old:
+                assert data is not None
+                data = _splice(data, old, new)
+    assert data is not None
+    cb = _NODE_PFX + _sha256(data).digest()
+    n.cb = cb
+    n.data = data
+    return cb
+
+
+class _FastInverter:
+    """One inversion over one block map: copy-on-write edits of light and full nodes."""
+
+    __slots__ = ("blocks", "verify")
+
+    def __init__(self, blocks: Mapping[CID, bytes], verify: bool) -> None:
+        self.blocks = blocks
+        self.verify = verify
+
+    # loading ----------------------------------------------------------------------------
+
+    def block(self, cb: bytes) -> bytes:
+        data = self.blocks.get(CID(cb))
+        if data is None or (self.verify and _sha256(data).digest() != cb[4:]):
+            raise _Bail
+        return data
+
+    def light(self, cb: bytes) -> _LNode:
+        data = self.blocks.get(CID(cb))
+        if data is None or (self.verify and _sha256(data).digest() != cb[4:]) or data[:3] != _NODE_START:
+            raise _Bail
+        try:
+            obj, used = _c_decode(data, bytearray, False)
+        except _DECODE_ERRORS:
+            raise _Bail from None
+        if used != len(data):
+            raise _Bail
+        return _LNode(None, obj["e"], obj["l"], None, cb, data)
+
+    def checked(self, data: bytes, cb: bytes | None, layer: int, lo: bytes | None, hi: bytes | None) -> _FNode:
+        """A strictly parsed node expected at ``layer`` with keys strictly inside (lo, hi)."""
+        if layer < 0:
+            raise _Bail
+        n = _fparse(data, layer)
+        keys = n.keys
+        if keys:
+            if (lo is not None and keys[0] <= lo) or (hi is not None and keys[-1] >= hi):
+                raise _Bail
+        elif n.subs[0] is None:
+            raise _Bail  # an empty node
+        n.cb = cb
+        return n
+
+    def materialize(self, n: _LNode, layer: int, lo: bytes | None, hi: bytes | None) -> _FNode:
+        """The full, checked form of a light node (with its replaced subtrees)."""
+        src = n.src
+        assert src.data is not None
+        full = self.checked(src.data, src.cb, layer, lo, hi)
+        if src.cb is None:
+            full.src = None  # a fresh node: nothing to splice from
+        if not n.over:
+            return full
+        subs = full.subs.copy()
+        for i, ref in n.over.items():
+            subs[i] = ref
+        return _FNode(full.keys, full.vals, subs, full.src)
+
+    def node(self, ref: _FRef, layer: int, lo: bytes | None, hi: bytes | None, full: bool) -> _FNode | _LNode | None:
+        """Resolve a subtree reference; ``full`` when its keys are about to change."""
+        if ref is None or type(ref) is _FNode:
+            return ref
+        if layer < 0:
+            raise _Bail
+        if type(ref) is _LNode:
+            return self.materialize(ref, layer, lo, hi) if full else ref
+        if full:
+            return self.checked(self.block(ref), ref, layer, lo, hi)  # type: ignore[arg-type]
+        return self.light(ref)  # type: ignore[arg-type]
+
+    def full(self, ref: _FRef, layer: int, lo: bytes | None, hi: bytes | None) -> _FNode | None:
+        n = self.node(ref, layer, lo, hi, True)
+        assert n is None or type(n) is _FNode
+        return n
+
+    # the common case: straight down through light nodes, a splice at the bottom ------------
+
+    def descend(
+        self, n: _FNode | _LNode, layer: int, kb: bytes, h: int
+    ) -> tuple[_Path, _FNode | _LNode | None, int, bytes | None, bytes | None]:
+        """Follow ``kb`` through light nodes down to layer ``h``, a full node, or a missing
+        subtree; returns the path (node, slot, layer, bounds) and where it stopped."""
+        path: _Path = []
+        lo: bytes | None = None
+        hi: bytes | None = None
+        cur: _FNode | _LNode | None = n
+        while layer > h and type(cur) is _LNode:
+            src = cur.src
+            ents = src.ents
+            if ents is None:
+                ents = _ents(src)
+            # the slot: entries up to the first key >= kb (keys rebuilt from their prefixes)
+            prev = b""
+            i = 0
+            ki = None
+            for e in ents:
+                p = e["p"]
+                key = prev[:p] + e["k"] if p else e["k"]
+                if key >= kb:
+                    if key == kb:
+                        raise _Bail  # the key sits above its layer
+                    ki = key
+                    break
+                prev = key
+                i += 1
+            over = cur.over
+            if over is not None and i in over:
+                ref = over[i]
+            else:
+                raw = ents[i - 1]["t"] if i else src.left
+                if raw is None:
+                    ref = None
+                elif type(raw) is not bytearray or len(raw) != 36 or raw[:4] != _NODE_PFX:
+                    raise _Bail
+                else:
+                    ref = bytes(raw)
+            path.append((cur, i, layer, lo, hi))
+            if i:
+                lo = prev
+            if ki is not None:
+                hi = ki
+            layer -= 1
+            if type(ref) is bytes:
+                cur = self.light(ref)
+            else:
+                cur = ref  # type: ignore[assignment]
+                if cur is None:
+                    break
+        return path, cur, layer, lo, hi
+
+    def rebuild(self, path: _Path, new: _FNode | _LNode | None) -> _FNode | _LNode | None:
+        """Replace the changed subtree along the path, bottom up."""
+        for n, i, layer, lo, hi in reversed(path):
+            if new is None:
+                full = self.materialize(n, layer, lo, hi)
+                subs = full.subs.copy()
+                subs[i] = None
+                new = _fderive(full, full.vals, subs)
+            else:
+                over = n.over
+                over = {i: new} if over is None else {**over, i: new}
+                new = _LNode(n.src, n.ents, n.left, over)
+        return new
+
+    def cut(self, n: _LNode, kb: bytes, val: CID) -> _LNode | None:
+        """Splice key ``kb`` out of a light node at its layer, when no subtree is beside it."""
+        ents = _ents(n)
+        count = len(ents)
+        i, ki, prev = _lscan(ents, kb)
+        if ki != kb:
+            raise _Bail  # not in the tree
+        e = ents[i]
+        if e["v"] != val.cid_bytes:
+            raise _Bail
+        if e["t"] is not None or (ents[i - 1]["t"] if i else n.left) is not None:
+            raise _Other  # subtrees to merge
+        pk = e["p"]
+        if pk != (_prefix_len(prev, kb) if i else 0):
+            raise _Bail  # not canonically compressed
+        old = _entry_bytes(pk, e["k"], None, e["v"])
+        mid = b""
+        if i + 1 < count:
+            en = ents[i + 1]
+            pn = en["p"]
+            if pn > len(kb):
+                raise _Bail
+            nxt = kb[:pn] + en["k"]
+            if nxt <= kb or pn != _prefix_len(kb, nxt):
+                raise _Bail
+            old += _entry_bytes(pn, en["k"], en["t"], en["v"])
+            np = min(pk, pn) if i else 0
+            mid = _entry_bytes(np, nxt[np:], en["t"], en["v"])
+        elif count == 1 and n.left is None:
+            return None  # the node is gone
+        return self.spliced(n, count, count - 1, old, mid)
+
+    def paste(self, n: _LNode, kb: bytes, val: CID, expect: CID | None) -> _LNode:
+        """Splice key ``kb`` into (or its new value into) a light node at its layer, when the
+        slot it goes into has no subtree."""
+        ents = _ents(n)
+        count = len(ents)
+        i, ki, prev = _lscan(ents, kb)
+        if ki == kb:
+            e = ents[i]
+            if expect is None or e["v"] != expect.cid_bytes:
+                raise _Bail  # present / another value
+            old = _entry_bytes(e["p"], e["k"], e["t"], e["v"])
+            return self.spliced(n, count, count, old, _entry_bytes(e["p"], e["k"], e["t"], val.cid_bytes))
+        if expect is not None:
+            raise _Bail  # not in the tree
+        if (ents[i - 1]["t"] if i else n.left) is not None:
+            raise _Other  # a subtree to split
+        pk = _prefix_len(prev, kb) if i else 0
+        new = _entry_bytes(pk, kb[pk:], None, val.cid_bytes)
+        if ki is None:
+            left = n.left
+            if left is not None:
+                raise _Other
+            return self.spliced(n, count, count + 1, b"\x61l\xf6", new + b"\x61l\xf6")
+        en = ents[i]
+        pn = en["p"]
+        if pn != (_prefix_len(prev, ki) if i else 0):
+            raise _Bail
+        old = _entry_bytes(pn, en["k"], en["t"], en["v"])
+        np = _prefix_len(kb, ki)
+        return self.spliced(n, count, count + 1, old, new + _entry_bytes(np, ki[np:], en["t"], en["v"]))
+
+    def spliced(self, n: _LNode, count: int, new_count: int, old: bytes, new: bytes) -> _LNode:
+        """A fresh light node: ``n``'s bytes with ``old`` (found exactly once) replaced by
+        ``new`` and the entry count adjusted."""
+        data = n.data
+        assert data is not None
+        j = data.find(old)
+        if j < 0 or data.find(old, j + 1) >= 0:
+            raise _Other
+        head = _head(0x80, count)
+        if data[3 : 3 + len(head)] != head:
+            raise _Bail
+        out = b"".join((data[:3], _head(0x80, new_count), data[3 + len(head) : j], new, data[j + len(old) :]))
+        return _LNode(None, None, n.left, None, None, out)
+
+    def op_remove(self, root: _FNode | _LNode, layer: int, kb: bytes, h: int, val: CID) -> _FNode | _LNode | None:
+        path, n, layer_n, lo, hi = self.descend(root, layer, kb, h)
+        if n is None:
+            raise _Bail  # not in the tree
+        new: _FNode | _LNode | None
+        if layer_n == h and type(n) is _LNode and n.over is None:
+            try:
+                new = self.cut(n, kb, val)
+            except _Other:
+                new = self.remove(n, layer_n, kb, h, val, lo, hi)
+        else:
+            new = self.remove(n, layer_n, kb, h, val, lo, hi)
+        return self.rebuild(path, new)
+
+    def op_put(
+        self, root: _FNode | _LNode, layer: int, kb: bytes, h: int, val: CID, expect: CID | None
+    ) -> _FNode | _LNode | None:
+        path, n, layer_n, lo, hi = self.descend(root, layer, kb, h)
+        new: _FNode | _LNode
+        if n is None:
+            # a slot without a subtree above the key's layer: a new chain of nodes, so the
+            # node above changes shape (re-encoded in full)
+            if expect is not None:
+                raise _Bail
+            last, _, layer_p, lo_p, hi_p = path.pop()
+            full = self.materialize(last, layer_p, lo_p, hi_p)
+            new = self.put(full, layer_p, kb, h, val, None, lo_p, hi_p)
+        elif layer_n == h and type(n) is _LNode and n.over is None:
+            try:
+                new = self.paste(n, kb, val, expect)
+            except _Other:
+                new = self.put(n, layer_n, kb, h, val, expect, lo, hi)
+        else:
+            new = self.put(n, layer_n, kb, h, val, expect, lo, hi)
+        return self.rebuild(path, new)
+
+    # general edits (the thorough algorithm's, on light and full nodes) ----------------------
+
+    def remove(
+        self, n: _FNode | _LNode, layer: int, kb: bytes, h: int, val: CID, lo: bytes | None, hi: bytes | None
+    ) -> _FNode | _LNode | None:
+        """``n`` without key ``kb`` (height ``h``), which must be present with value ``val``."""
+        if type(n) is _LNode:
+            if layer != h:
+                path, sub, layer_s, slo, shi = self.descend(n, layer, kb, h)
+                if sub is None:
+                    raise _Bail
+                return self.rebuild(path, self.remove(sub, layer_s, kb, h, val, slo, shi))
+            n = self.materialize(n, layer, lo, hi)
+        assert type(n) is _FNode
+        keys = n.keys
+        i = bisect_left(keys, kb)
+        found = i < len(keys) and keys[i] == kb
+        if layer == h:
+            if not found or n.vals[i] != val:
+                raise _Bail
+            lo_i = keys[i - 1] if i else lo
+            hi_i = keys[i + 1] if i + 1 < len(keys) else hi
+            merged = self.merge(n.subs[i], n.subs[i + 1], layer - 1, lo_i, kb, hi_i)
+            return _fmk(
+                [*keys[:i], *keys[i + 1 :]],
+                [*n.vals[:i], *n.vals[i + 1 :]],
+                [*n.subs[:i], merged, *n.subs[i + 2 :]],
+            )
+        if found:
+            raise _Bail
+        clo = keys[i - 1] if i else lo
+        chi = keys[i] if i < len(keys) else hi
+        sub = self.node(n.subs[i], layer - 1, clo, chi, layer - 1 == h)
+        if sub is None:
+            raise _Bail
+        subs = n.subs.copy()
+        subs[i] = self.remove(sub, layer - 1, kb, h, val, clo, chi)
+        return _fderive(n, n.vals, subs)
+
+    def merge(self, a_ref: _FRef, b_ref: _FRef, layer: int, lo: bytes | None, mid: bytes, hi: bytes | None) -> _FRef:
+        """Join adjacent subtrees at ``layer`` (keys of a < mid < keys of b)."""
+        if a_ref is None:
+            return b_ref
+        if b_ref is None:
+            return a_ref
+        a = self.full(a_ref, layer, lo, mid)
+        b = self.full(b_ref, layer, mid, hi)
+        assert a is not None and b is not None
+        a_hi = a.keys[-1] if a.keys else lo
+        b_lo = b.keys[0] if b.keys else hi
+        inner = self.merge(a.subs[-1], b.subs[0], layer - 1, a_hi, mid, b_lo)
+        return _FNode([*a.keys, *b.keys], [*a.vals, *b.vals], [*a.subs[:-1], inner, *b.subs[1:]])
+
+    def split(self, ref: _FRef, layer: int, kb: bytes, lo: bytes | None, hi: bytes | None) -> tuple[_FRef, _FRef]:
+        """Split a subtree at ``layer`` around a key that belongs higher up."""
+        n = self.full(ref, layer, lo, hi)
+        if n is None:
+            return None, None
+        keys = n.keys
+        i = bisect_left(keys, kb)
+        if i < len(keys) and keys[i] == kb:
+            raise _Bail  # the key is below its layer
+        if n.subs[i] is None:
+            if i == len(keys):
+                return ref, None
+            if i == 0:
+                return None, ref
+            sl: _FRef = None
+            sr: _FRef = None
+        else:
+            sl, sr = self.split(n.subs[i], layer - 1, kb, keys[i - 1] if i else lo, keys[i] if i < len(keys) else hi)
+        return (
+            _fmk(keys[:i], n.vals[:i], [*n.subs[:i], sl]),
+            _fmk(keys[i:], n.vals[i:], [sr, *n.subs[i + 1 :]]),
+        )
+
+    def put(
+        self,
+        n: _FNode | _LNode | None,
+        layer: int,
+        kb: bytes,
+        h: int,
+        val: CID,
+        expect: CID | None,
+        lo: bytes | None,
+        hi: bytes | None,
+    ) -> _FNode | _LNode:
+        """``n`` with ``kb`` set to ``val``; the key must hold ``expect`` (None: be absent)."""
+        if n is None:
+            if expect is not None:
+                raise _Bail
+            if h == layer:
+                return _FNode([kb], [val], [None, None])
+            return _FNode([], [], [self.put(None, layer - 1, kb, h, val, None, lo, hi)])
+        if type(n) is _LNode:
+            if layer != h:
+                path, sub, layer_s, slo, shi = self.descend(n, layer, kb, h)
+                if sub is None:
+                    if expect is not None:
+                        raise _Bail
+                    last, _, layer_s, slo, shi = path.pop()
+                    sub = self.materialize(last, layer_s, slo, shi)
+                new = self.rebuild(path, self.put(sub, layer_s, kb, h, val, expect, slo, shi))
+                assert new is not None
+                return new
+            n = self.materialize(n, layer, lo, hi)
+        assert type(n) is _FNode
+        keys = n.keys
+        i = bisect_left(keys, kb)
+        found = i < len(keys) and keys[i] == kb
+        clo = keys[i - 1] if i else lo
+        if layer == h:
+            if found:
+                if expect is None or n.vals[i] != expect:
+                    raise _Bail
+                vals = n.vals.copy()
+                vals[i] = val
+                return _FNode(keys, vals, n.subs, n.src)
+            if expect is not None:
+                raise _Bail
+            left, right = self.split(n.subs[i], layer - 1, kb, clo, keys[i] if i < len(keys) else hi)
+            return _FNode(
+                [*keys[:i], kb, *keys[i:]],
+                [*n.vals[:i], val, *n.vals[i:]],
+                [*n.subs[:i], left, right, *n.subs[i + 1 :]],
+            )
+        if found:
+            raise _Bail
+        chi = keys[i] if i < len(keys) else hi
+        sub = self.node(n.subs[i], layer - 1, clo, chi, layer - 1 == h)
+        if sub is None and expect is not None:
+            raise _Bail
+        subs = n.subs.copy()
+        subs[i] = self.put(sub, layer - 1, kb, h, val, expect, clo, chi)
+        return _FNode(keys, n.vals, subs, n.src)
+
+    # driver -----------------------------------------------------------------------------
+
+    def run(self, root_cid: CID, ops: Sequence[Op]) -> CID:
+        keyed: list[tuple[bytes, int, str, CID | None, CID | None]] = []
+        seen: set[str] = set()
+        key_re = _KEY_RE
+        for op in ops:
+            action, path, cid, prev = op
+            if type(path) is not str or path in seen or not path.isascii():
+                raise _Bail
+            seen.add(path)
+            kb = path.encode()
+            if len(kb) > MAX_KEY_LEN or key_re.match(kb) is None:
+                raise _Bail
+            if action == "create":
+                ok = type(cid) is CID and prev is None
+            elif action == "update":
+                ok = type(cid) is CID and type(prev) is CID
+            elif action == "delete":
+                ok = cid is None and type(prev) is CID
+            else:
+                ok = False
+            if not ok:
+                raise _Bail
+            keyed.append((kb, key_height(kb), action, cid, prev))
+        if not keyed:
+            return root_cid
+        if type(root_cid) is not CID or not root_cid.is_cidv1_dag_cbor_sha256_32():
+            raise _Bail
+        root: _FNode | _LNode | None = self.light(root_cid.cid_bytes)
+        assert type(root) is _LNode
+        anchor: bytes | None = None
+        if root.ents:
+            anchor = _lfirst(root)
+            layer = anchor_layer = key_height(anchor)
+        elif root.left is not None:
+            raise _Bail  # an empty root pointing to a subtree
+        else:
+            root = None
+            layer = anchor_layer = 0
+        for kb, h, action, cid, prev in keyed:
+            if action == "create":
+                if root is None or h > layer:
+                    raise _Bail  # not in the tree
+                assert cid is not None
+                root = self.op_remove(root, layer, kb, h, cid)
+                # an emptied root gives way to its only subtree, repeatedly
+                while root is not None:
+                    if isinstance(root, _FNode):
+                        if root.keys:
+                            break
+                        sub = root.subs[0]
+                    else:
+                        if _ents(root.src):
+                            break
+                        over = root.over
+                        sub = over[0] if over is not None and 0 in over else _link_bytes(root.src.left)
+                    layer -= 1
+                    root = self.node(sub, layer, None, None, False)
+                if root is None:
+                    layer = 0
+                continue
+            assert prev is not None
+            expect = cid if action == "update" else None
+            if root is None:
+                if expect is not None:
+                    raise _Bail
+                root = _FNode([kb], [prev], [None, None])
+                layer = h
+            elif h > layer:
+                if expect is not None:
+                    raise _Bail  # not in the tree
+                left, right = self.split(root, layer, kb, None, None)
+                for _ in range(layer + 1, h):
+                    left = _FNode([], [], [left]) if left is not None else None
+                    right = _FNode([], [], [right]) if right is not None else None
+                root = _FNode([kb], [prev], [left, right])
+                layer = h
+            else:
+                root = self.op_put(root, layer, kb, h, prev, expect)
+        if root is None:
+            return EMPTY_ROOT_CID
+        # the computed root must sit at its first key's layer (see above)
+        if type(root) is _FNode:
+            if not root.keys:
+                raise _Bail
+            first = root.keys[0]
+        else:
+            first = _lfirst(root)  # type: ignore[arg-type]
+        if (first != anchor or layer != anchor_layer) and key_height(first) != layer:
+            raise _Bail
+        return CID(_fcid(root))
+
+
+def _invert_fast(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence[Op], verify: bool) -> CID | None:
+    """The lean inversion; None when the thorough path must decide."""
+    try:
+        return _FastInverter(blocks, verify).run(root_after, ops)
+    except (_Bail, _Other, ValueError, *_SHAPE_ERRORS):
+        return None

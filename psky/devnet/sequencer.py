@@ -270,7 +270,7 @@ class Sequencer:
         except _TooSlow:
             self.log.info("subscriber too slow (%s), closing", conn_key)
             await self._fail(ws, "ConsumerTooSlow", "Stream consumer too slow")
-        except (ConnectionResetError, RuntimeError) as e:  # peer went away mid-send
+        except (ConnectionError, RuntimeError) as e:  # peer went away mid-send
             self.log.debug("subscriber %s gone: %s", conn_key, e)
         finally:
             if sub is not None:
