@@ -1,4 +1,10 @@
-"""DID resolution over HTTP with a shared TTL cache (did:plc via a PLC directory, did:web).
+"""DID and handle resolution over HTTP with a shared TTL cache.
+
+DIDs: did:plc through a PLC directory (`PLC_URL`), did:web through its `/.well-known/did.json`.
+Handles: `https://<handle>/.well-known/atproto-did`. Networks without DNS (psky's local test
+network, private deployments) route handles with `PSKY_HANDLE_RESOLVER_MAP`, a comma-separated
+list of `pattern=base-url` (`*.pds1.test=http://127.0.0.1:2583,alice.example=http://10.0.0.5`):
+a handle matching a pattern is asked at that base URL with the handle in the `Host` header.
 
 Services resolve the same few DIDs over and over (every commit needs its author's signing
 key), so documents are cached; `invalidate()` drops one when an `#identity` event says it
@@ -21,6 +27,27 @@ from psky.atproto.did import DidDocument, InvalidDidDocument, did_web_to_url, pa
 DEFAULT_PLC_URL = "https://plc.directory"
 
 
+def parse_handle_map(text: str, variable: str = "PSKY_HANDLE_RESOLVER_MAP") -> list[tuple[str, str]]:
+    """`*.a.test=http://127.0.0.1:1,b.test=http://h` → [(pattern, base URL), ...], checked."""
+    out: list[tuple[str, str]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pattern, sep, url = part.partition("=")
+        pattern, url = pattern.strip().lower(), url.strip().rstrip("/")
+        if not sep or not pattern or not url.startswith(("http://", "https://")):
+            raise ValueError(f"{variable}: expected pattern=http(s)://host[:port] items, got {part!r}")
+        if "*" in pattern and not (pattern.startswith("*.") and "*" not in pattern[2:]):
+            raise ValueError(f"{variable}: a wildcard must be a leading '*.', got {pattern!r}")
+        out.append((pattern, url))
+    return out
+
+
+def _map_handle(handle_map: list[tuple[str, str]], handle: str) -> str | None:
+    for pattern, url in handle_map:
+        if pattern == handle or (pattern.startswith("*.") and handle.endswith(pattern[1:])):
+            return url
+    return None
+
+
 class ResolutionError(Exception):
     """The DID could not be resolved (not found, unreachable, or an invalid document)."""
 
@@ -34,8 +61,10 @@ class IdentityResolver:
         ttl_s: float = 3600.0,
         max_entries: int = 100_000,
         session: aiohttp.ClientSession | None = None,
+        handle_map: str | list[tuple[str, str]] = "",
     ) -> None:
         self.plc_url = plc_url.rstrip("/")
+        self.handle_map = parse_handle_map(handle_map) if isinstance(handle_map, str) else handle_map
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.ttl_s = ttl_s
         self.max_entries = max_entries
@@ -123,3 +152,22 @@ class IdentityResolver:
         if not doc.signing_key:
             raise ResolutionError(f"{did}: DID document has no #atproto signing key")
         return doc.signing_key
+
+    async def resolve_handle(self, handle: str) -> str | None:
+        """The DID a handle claims through `/.well-known/atproto-did`, or None.
+
+        This is one direction only: a handle is valid for a DID when this answer and the
+        DID document's `alsoKnownAs` agree (the caller checks both).
+        """
+        handle = handle.lower()
+        base = _map_handle(self.handle_map, handle)
+        url = f"{base}/.well-known/atproto-did" if base else f"https://{handle}/.well-known/atproto-did"
+        headers = {"host": handle} if base else {}
+        try:
+            async with self._http().get(url, headers=headers, allow_redirects=False) as resp:
+                if resp.status != 200:
+                    return None
+                body = (await resp.content.read(2049)).decode("utf-8", "replace").strip()
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        return body if body.startswith("did:") and len(body) <= 2048 and "\n" not in body else None
