@@ -18,7 +18,8 @@ Three ways in:
 * :class:`MST` — an immutable-node tree with copy-on-write mutation, lazily loaded from a
   block map so partial trees (firehose CAR slices) work until a missing node is needed.
 * :func:`covering_proof` / :func:`invert_ops` — the sync 1.1 inductive proof: the nodes a
-  commit must carry, and the inversion of its operations back to ``prevData``.
+  commit must carry, and the inversion of its operations back to ``prevData`` (a lean
+  byte-splicing inverter for the firehose hot path, backed by the thorough one on MST).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, AnyStr, Final, NamedTuple, TypeAlias
 
@@ -218,10 +219,16 @@ def _parse_node(
 
 _ENTRY_FIELDS: Final = itemgetter("p", "k", "v", "t")
 _NODE_PFX: Final = CID.CIDV1_DAG_CBOR_SHA256_32_PFX
-_RAW_PFX: Final = CID.CIDV1_RAW_SHA256_32_PFX
 #: the plain C decoder, for node blocks already checked against their CID
 _c_decode: Final = cbor._c_decode
-_DECODE_ERRORS: Final = (ValueError, TypeError, EOFError, OverflowError, RecursionError, cbrrr.CbrrrDecodeError)
+_DECODE_ERRORS: Final = (
+    ValueError,
+    TypeError,
+    EOFError,
+    OverflowError,
+    RecursionError,
+    cbrrr.CbrrrDecodeError,
+)
 
 
 def _entry_fallback(ent: object, cid: CID, strict: bool) -> tuple[object, object, object, object]:
@@ -245,149 +252,64 @@ def walk(blocks: Mapping[CID, bytes], root: CID, *, strict: bool = True) -> Iter
     non-root node without a subtree link, no empty root pointing to a subtree, canonical
     node encoding. Missing nodes raise :class:`MissingBlock`.
     """
-    if strict:
-        return _walk_strict(blocks, root)
-    return _walk_lax(blocks, root)
-
-
-#: repo paths joined by newlines (which no valid key contains), checked in one regex call
-_KEY_BODY: Final = rb"(?!\.\.?/)[A-Za-z0-9._:~-]+/(?!\.\.?(?:\n|\Z))[A-Za-z0-9._:~-]+"
-_KEYS_RE: Final = re.compile(rb"(?:" + _KEY_BODY + rb"\n)*" + _KEY_BODY + rb"\Z")
-#: for layers 0-3, the range of the first byte of sha256(key) that puts a key there
-_LAYER_FIRST_BYTE: Final = ((64, 256), (16, 64), (4, 16), (1, 4))
-
-
-def _walk_node(data: bytes) -> tuple[CID | None, list[bytes], list[CID], list[CID | None], bool] | None:
-    """Strict decoding of one node for the walk: (left, keys, values, right links, has
-    links), or None when anything is off (then :func:`_parse_node` says what).
-
-    The same checks as ``_parse_node(..., strict=True)``, arranged for speed: the plain C
-    decoder (CIDs are checked here, only where they are not the usual 36-byte form) and one
-    regex call for all keys of the node."""
-    try:
-        obj, used = _c_decode(data, CID, False)
-    except _DECODE_ERRORS:
-        return None
-    if used != len(data) or type(obj) is not dict:
-        return None
-    try:
-        ents = obj["e"]
-        left = obj["l"]
-    except KeyError:
-        return None
-    if type(ents) is not list:
-        return None
-    node_pfx = _NODE_PFX
-    raw_pfx = _RAW_PFX
-    links = False
-    if left is not None:
-        if type(left) is not CID or len(left.cid_bytes) != 36 or left.cid_bytes[:4] != node_pfx:
-            return None
-        links = True
-    keys: list[bytes] = []
-    vals: list[CID] = []
-    rights: list[CID | None] = []
-    prev = b""
-    fields = _ENTRY_FIELDS
-    for ent in ents:
-        try:
-            p, k, v, t = fields(ent)
-        except (KeyError, TypeError):
-            return None
-        if type(p) is not int or type(k) is not bytes or type(v) is not CID or p < 0 or p > len(prev):
-            return None
-        key = prev[:p] + k
-        # strictly after the previous key (so not empty), and maximally prefix-compressed:
-        # the first new byte differs from the previous key's byte at that position
-        if key <= prev or k[:1] == prev[p : p + 1]:
-            return None
-        vb = v.cid_bytes
-        if (len(vb) != 36 or (vb[:4] != node_pfx and vb[:4] != raw_pfx)) and not cbor.is_valid_cid(v):
-            return None
-        if t is not None:
-            if type(t) is not CID or len(t.cid_bytes) != 36 or t.cid_bytes[:4] != node_pfx:
-                return None
-            links = True
-        keys.append(key)
-        vals.append(v)
-        rights.append(t)
-        prev = key
-    if keys:
-        joined = b"\n".join(keys)
-        if (
-            joined.count(b"\n") != len(keys) - 1
-            or max(map(len, keys)) > MAX_KEY_LEN
-            or _KEYS_RE.match(joined) is None
-        ):
-            return None
-    return left, keys, vals, rights, links
-
-
-def _walk_strict(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, CID]]:
-    seen: set[bytes] = set()
-    # stack items: (CID, layer) for nodes, (key bytes, value CID) for keys of inner nodes
+    seen: set[CID] = set()
+    # stack items: (CID, layer) for nodes, (key bytes, value CID) for leaves
     stack: list[tuple[CID, int] | tuple[bytes, CID]] = [(root, -1)]
     pop = stack.pop
     push = stack.append
-    sha = _sha256
     last = b""
     first = True
     while stack:
         a, b = pop()
         if type(a) is bytes:
-            if a <= last and not first:
-                raise MstError(f"MST keys out of order: {a!r:.80} after {last!r:.80}")
-            last = a
-            first = False
-            yield a.decode("ascii"), b  # type: ignore[misc]
+            if strict:
+                if a <= last and not first:
+                    raise MstError(f"MST keys out of order: {a!r:.80} after {last!r:.80}")
+                last = a
+                first = False
+                yield a.decode("ascii"), b  # type: ignore[misc]
+            else:
+                yield a.decode("utf-8", "surrogateescape"), b  # type: ignore[misc]
             continue
         cid: CID = a  # type: ignore[assignment]
         layer: int = b  # type: ignore[assignment]
-        cb = cid.cid_bytes
-        if cb in seen:
+        if cid in seen:
             raise MstError(f"MST node {cid.encode()} is reached twice (cycle or shared subtree)")
-        seen.add(cb)
+        seen.add(cid)
         data = blocks.get(cid)
         if data is None:
             raise MissingBlock(cid)
-        parsed = _walk_node(data)
-        if parsed is None:
-            # something is wrong or unusual: the thorough parser names it (or accepts it)
-            left, keys, vals, rights = _parse_node(data, cid, True)
-            links = left is not None or any(rights)
-        else:
-            left, keys, vals, rights, links = parsed
-        if keys:
-            if layer < 0:
-                layer = key_height(keys[0])
-            if layer < 4:
-                lo_b, hi_b = _LAYER_FIRST_BYTE[layer]
-                firsts = [sha(k).digest()[0] for k in keys]
-                ok = min(firsts) >= lo_b and max(firsts) < hi_b
-            else:
-                ok = False
-            if not ok:
+        left, keys, vals, rights = _parse_node(data, cid, strict)
+        if strict:
+            if keys:
+                if layer < 0:
+                    layer = key_height(keys[0])
                 for k in keys:
                     if key_height(k) != layer:
                         raise MstError(
                             f"MST node {cid.encode()}: key {k!r:.80} has layer {key_height(k)}, node is at {layer}"
                         )
-        elif layer < 0:
-            if left is not None:
-                raise MstError(f"MST root {cid.encode()} is an empty node pointing to a subtree")
-        elif left is None:
-            raise MstError(f"MST node {cid.encode()} is empty")
-        if not links:
+            elif layer < 0:
+                if left is not None:
+                    raise MstError(f"MST root {cid.encode()} is an empty node pointing to a subtree")
+            elif left is None:
+                raise MstError(f"MST node {cid.encode()} is empty")
+            if layer <= 0 and (left is not None or any(rights)):
+                raise MstError(f"MST node {cid.encode()} at layer 0 links to a subtree")
+        if left is None and not any(rights):
             # a node without subtrees (most of them): its entries come next, emit them now
-            if keys:
-                if keys[0] <= last and not first:
+            if strict:
+                if keys and keys[0] <= last and not first:
                     raise MstError(f"MST keys out of order: {keys[0]!r:.80} after {last!r:.80}")
-                last = keys[-1]
-                first = False
-                yield from zip(b"\n".join(keys).decode("ascii").split("\n"), vals, strict=True)
+                if keys:
+                    last = keys[-1]
+                    first = False
+                for i, k in enumerate(keys):
+                    yield k.decode("ascii"), vals[i]
+            else:
+                for i, k in enumerate(keys):
+                    yield k.decode("utf-8", "surrogateescape"), vals[i]
             continue
-        if layer <= 0:
-            raise MstError(f"MST node {cid.encode()} at layer 0 links to a subtree")
         child = layer - 1
         for i in range(len(keys) - 1, -1, -1):
             t = rights[i]
@@ -396,38 +318,6 @@ def _walk_strict(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, 
             push((keys[i], vals[i]))
         if left is not None:
             push((left, child))
-
-
-def _walk_lax(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, CID]]:
-    seen: set[bytes] = set()
-    stack: list[tuple[CID, int] | tuple[bytes, CID]] = [(root, -1)]
-    pop = stack.pop
-    push = stack.append
-    while stack:
-        a, b = pop()
-        if type(a) is bytes:
-            yield a.decode("utf-8", "surrogateescape"), b  # type: ignore[misc]
-            continue
-        cid: CID = a  # type: ignore[assignment]
-        cb = cid.cid_bytes
-        if cb in seen:
-            raise MstError(f"MST node {cid.encode()} is reached twice (cycle or shared subtree)")
-        seen.add(cb)
-        data = blocks.get(cid)
-        if data is None:
-            raise MissingBlock(cid)
-        left, keys, vals, rights = _parse_node(data, cid, False)
-        if left is None and not any(rights):
-            for i, k in enumerate(keys):
-                yield k.decode("utf-8", "surrogateescape"), vals[i]
-            continue
-        for i in range(len(keys) - 1, -1, -1):
-            t = rights[i]
-            if t is not None:
-                push((t, 0))
-            push((keys[i], vals[i]))
-        if left is not None:
-            push((left, 0))
 
 
 def list_entries(blocks: Mapping[CID, bytes], root: CID, *, strict: bool = True) -> list[tuple[str, CID]]:
@@ -1142,9 +1032,14 @@ def invert_ops(
     node and MstError for invalid ops or trees. The caller compares the result with the
     event's ``prevData``.
 
-    A lean inverter handles the usual case; anything it does not fully vouch for (a missing
-    node, any irregularity, an op that does not match the tree) is decided again by the
-    thorough algorithm, so results and errors are those of :func:`_invert_thorough`.
+    A lean inverter handles the usual case; anything it does not vouch for (a missing node,
+    an irregular node on the edited path, an op that does not match the tree) is decided
+    again by the thorough algorithm (:func:`_invert_thorough`), which also produces every
+    error. For a tree the thorough algorithm accepts the result is the same. The lean one
+    skips checks away from the edits (the layer and syntax of keys the ops do not touch,
+    entries of nodes it only passes through): a tree that fails only those yields a root,
+    not an error, but that root carries the same defect and so cannot equal a valid
+    ``prevData`` (see the notes on the fast inverter below).
     """
     root = _invert_fast(blocks, root_after, ops, verify)
     if root is not None:
@@ -1194,11 +1089,13 @@ def _invert_thorough(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence
 # --- fast operation inversion -----------------------------------------------------------
 #
 # The lean inverter below makes the same tree edits as the thorough one with far less work
-# per node, trusting only what it checks:
+# per node, trusting only what it checks. It relies on the block map being content-
+# addressed (each block is what its CID says: re-hashed here, or by the caller's CAR reader).
 #
 # * Every node is decoded with the strict C decoder, so its bytes are canonical DAG-CBOR:
 #   each item has exactly one encoding, and a link occurs in the bytes exactly where the
-#   decoded node has it.
+#   decoded node has it. Nodes and entries must have exactly their fields (the thorough
+#   path would drop others when re-encoding, so they would not survive a splice).
 # * Nodes the edits merely pass through on the way down ("light" nodes) are read only up
 #   to the key's slot. Their new bytes are their old bytes with the one changed child link
 #   spliced in (where that link occurs exactly once), so everything else they hold is
@@ -1212,15 +1109,16 @@ def _invert_thorough(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence
 # * Key heights (a SHA-256 each) are computed for the ops' keys and the roots only.
 #
 # Why the checks it skips cannot let an invalid tree pass: inversion keeps every other key,
-# entry and light node byte-for-byte, and splits and merges keep keys within their layer.
-# The inverter checks that the computed root sits at its first key's layer, which pins the
-# layer of every node. So a defect in the unchecked parts of the tree after the commit (a
-# key at the wrong layer, a malformed key, unsorted keys elsewhere) is still present in the
-# computed tree before it, whose root then cannot be a valid ``prevData``: at most an
-# equally broken previous tree could match. A key an op removes does not stay, so it is
-# checked against both its in-order neighbours (in its node, in the merged spines, or the
-# slot bounds met on the way down), which is all a sorted tree needs. Anything unexpected
-# ends the fast attempt, and the thorough algorithm decides (and produces the error).
+# entry and node byte-for-byte (or by CID) except the spliced parts, and splits and merges
+# keep keys within their layer. The inverter checks that the computed root sits at its
+# first key's layer, which pins the layer of every node. So a defect in the unchecked parts
+# of the tree after the commit (a key at the wrong layer, a malformed key or CID, unsorted
+# keys away from the edits) is still present in the computed tree before it, whose root
+# then cannot be a valid ``prevData``: at most an equally broken previous tree could match.
+# A key an op removes does not stay, so it is checked against its in-order neighbours in
+# the nodes at hand (its node, the merged spines, the slot bounds met on the way down), as
+# the thorough path does. Anything unexpected ends the fast attempt, and the thorough
+# algorithm decides (and produces the error).
 
 
 class _Bail(Exception):
@@ -1289,7 +1187,9 @@ class _FNode:
 
     __slots__ = ("cb", "data", "keys", "src", "subs", "vals")
 
-    def __init__(self, keys: list[bytes], vals: list[CID], subs: list[_FRef], src: _FNode | None = None) -> None:
+    def __init__(
+        self, keys: list[bytes], vals: list[CID], subs: list[_FRef], src: _FNode | None = None
+    ) -> None:
         self.keys = keys
         self.vals = vals
         self.subs = subs  # len(keys) + 1: subs[0] = "l", subs[i + 1] = entry i's "t"
@@ -1439,12 +1339,25 @@ def _lscan(ents: Any, kb: bytes) -> tuple[int, bytes | None, bytes]:
     return i, None, prev
 
 
-def _lfirst(n: _LNode) -> bytes:
-    e = _ents(n.src)[0]
+def _first_key(ents: Any) -> bytes:
+    """The first key of a node's decoded entries (the node must have one)."""
+    e = ents[0]
     k = e["k"]
     if e["p"] != 0 or type(k) is not bytes:
         raise _Bail
     return k
+
+
+def _spliced(data: bytes, count: int, new_count: int, old: bytes, new: bytes) -> bytes:
+    """Node bytes with the entries ``old`` (found exactly once) replaced by ``new`` and the
+    entry count changed (``_Other`` when ``old`` is not found exactly once)."""
+    j = data.find(old)
+    if j < 0 or data.find(old, j + 1) >= 0:
+        raise _Other
+    head = _head(0x80, count)
+    if data[3 : 3 + len(head)] != head:
+        raise _Bail
+    return b"".join((data[:3], _head(0x80, new_count), data[3 + len(head) : j], new, data[j + len(old) :]))
 
 
 def _fmk(keys: list[bytes], vals: list[CID], subs: list[_FRef]) -> _FNode | None:
@@ -1545,35 +1458,65 @@ def _fcid(n: _FNode | _LNode) -> bytes:
 
 
 class _FastInverter:
-    """One inversion over one block map: copy-on-write edits of light and full nodes."""
+    """One inversion over one block map.
 
-    __slots__ = ("blocks", "verify")
+    A single op on a layer-0 key (most commits) first tries the straight path
+    (:meth:`splice_op`): down through nodes with a link in the key's slot, a splice in the
+    key's node, and new CIDs back up. Other commits, and ops needing merges, splits or new
+    subtrees, take the general path (:meth:`cow_ops`): copy-on-write edits of light and full
+    nodes, as the thorough algorithm does, hashing the changed nodes once at the end.
+    """
+
+    __slots__ = ("decoded", "get", "verify")
 
     def __init__(self, blocks: Mapping[CID, bytes], verify: bool) -> None:
-        self.blocks = blocks
         self.verify = verify
+        # CIDs hash and compare in Python: a small map (a commit's blocks) is re-keyed by
+        # their bytes once; a big one is read through CID objects
+        if len(blocks) <= 64:
+            self.get: Callable[[bytes], bytes | None] = {c.cid_bytes: d for c, d in blocks.items()}.get
+        else:
+            self.get = lambda cb: blocks.get(CID(cb))
+        #: nodes decoded once to be read again (handed from one path to the other)
+        self.decoded: dict[bytes, tuple[bytes, Any, Any]] = {}
 
     # loading ----------------------------------------------------------------------------
 
     def block(self, cb: bytes) -> bytes:
-        data = self.blocks.get(CID(cb))
+        data = self.get(cb)
         if data is None or (self.verify and _sha256(data).digest() != cb[4:]):
             raise _Bail
         return data
 
-    def light(self, cb: bytes) -> _LNode:
-        data = self.blocks.get(CID(cb))
-        if data is None or (self.verify and _sha256(data).digest() != cb[4:]) or data[:3] != _NODE_START:
+    def fetch(self, cb: bytes) -> tuple[bytes, Any, Any]:
+        """(bytes, entries, left link) of a node, decoded (links as bytearray) and checked
+        for exactly the node's fields."""
+        done = self.decoded.pop(cb, None)
+        if done is not None:
+            return done
+        data = self.block(cb)
+        if data[:3] != _NODE_START:
             raise _Bail
         try:
             obj, used = _c_decode(data, bytearray, False)
         except _DECODE_ERRORS:
             raise _Bail from None
-        if used != len(data):
+        ents = obj["e"]
+        # exactly the four entry fields: the reference drops others when it re-encodes a
+        # node, so a node carrying them cannot be spliced. (Four on average is enough: an
+        # entry lacking one is an error for the reference too, and then the node is carried
+        # unchanged into a tree that is just as invalid.) The map itself has exactly two.
+        if used != len(data) or sum(map(len, ents)) != 4 * len(ents):
             raise _Bail
-        return _LNode(None, obj["e"], obj["l"], None, cb, data)
+        return data, ents, obj["l"]
 
-    def checked(self, data: bytes, cb: bytes | None, layer: int, lo: bytes | None, hi: bytes | None) -> _FNode:
+    def light(self, cb: bytes) -> _LNode:
+        data, ents, left = self.fetch(cb)
+        return _LNode(None, ents, left, None, cb, data)
+
+    def checked(
+        self, data: bytes, cb: bytes | None, layer: int, lo: bytes | None, hi: bytes | None
+    ) -> _FNode:
         """A strictly parsed node expected at ``layer`` with keys strictly inside (lo, hi)."""
         if layer < 0:
             raise _Bail
@@ -1601,7 +1544,9 @@ class _FastInverter:
             subs[i] = ref
         return _FNode(full.keys, full.vals, subs, full.src)
 
-    def node(self, ref: _FRef, layer: int, lo: bytes | None, hi: bytes | None, full: bool) -> _FNode | _LNode | None:
+    def node(
+        self, ref: _FRef, layer: int, lo: bytes | None, hi: bytes | None, full: bool
+    ) -> _FNode | _LNode | None:
         """Resolve a subtree reference; ``full`` when its keys are about to change."""
         if ref is None or type(ref) is _FNode:
             return ref
@@ -1618,16 +1563,21 @@ class _FastInverter:
         assert n is None or type(n) is _FNode
         return n
 
-    # the common case: straight down through light nodes, a splice at the bottom ------------
+    # copy-on-write descent through light nodes --------------------------------------------
 
     def descend(
-        self, n: _FNode | _LNode, layer: int, kb: bytes, h: int
+        self,
+        n: _FNode | _LNode,
+        layer: int,
+        kb: bytes,
+        h: int,
+        lo: bytes | None = None,
+        hi: bytes | None = None,
     ) -> tuple[_Path, _FNode | _LNode | None, int, bytes | None, bytes | None]:
-        """Follow ``kb`` through light nodes down to layer ``h``, a full node, or a missing
-        subtree; returns the path (node, slot, layer, bounds) and where it stopped."""
+        """Follow ``kb`` from ``n`` (keys within (lo, hi)) through light nodes down to layer
+        ``h``, a full node, or a missing subtree; returns the path (node, slot, layer,
+        bounds) and where it stopped, with its bounds."""
         path: _Path = []
-        lo: bytes | None = None
-        hi: bytes | None = None
         cur: _FNode | _LNode | None = n
         while layer > h and type(cur) is _LNode:
             src = cur.src
@@ -1687,9 +1637,11 @@ class _FastInverter:
                 new = _LNode(n.src, n.ents, n.left, over)
         return new
 
-    def cut(self, n: _LNode, kb: bytes, val: CID) -> _LNode | None:
-        """Splice key ``kb`` out of a light node at its layer, when no subtree is beside it."""
-        ents = _ents(n)
+    # splices in the key's node -------------------------------------------------------------
+
+    def cut(self, data: bytes, ents: Any, left: Any, kb: bytes, val: CID) -> bytes:
+        """Node bytes without key ``kb`` (at its layer), when no subtree is beside it and the
+        node keeps an entry (``_Other`` otherwise: a general edit)."""
         count = len(ents)
         i, ki, prev = _lscan(ents, kb)
         if ki != kb:
@@ -1697,8 +1649,8 @@ class _FastInverter:
         e = ents[i]
         if e["v"] != val.cid_bytes:
             raise _Bail
-        if e["t"] is not None or (ents[i - 1]["t"] if i else n.left) is not None:
-            raise _Other  # subtrees to merge
+        if e["t"] is not None or (ents[i - 1]["t"] if i else left) is not None or count == 1:
+            raise _Other  # subtrees to merge, or the node goes away
         pk = e["p"]
         if pk != (_prefix_len(prev, kb) if i else 0):
             raise _Bail  # not canonically compressed
@@ -1715,14 +1667,11 @@ class _FastInverter:
             old += _entry_bytes(pn, en["k"], en["t"], en["v"])
             np = min(pk, pn) if i else 0
             mid = _entry_bytes(np, nxt[np:], en["t"], en["v"])
-        elif count == 1 and n.left is None:
-            return None  # the node is gone
-        return self.spliced(n, count, count - 1, old, mid)
+        return _spliced(data, count, count - 1, old, mid)
 
-    def paste(self, n: _LNode, kb: bytes, val: CID, expect: CID | None) -> _LNode:
-        """Splice key ``kb`` into (or its new value into) a light node at its layer, when the
-        slot it goes into has no subtree."""
-        ents = _ents(n)
+    def paste(self, data: bytes, ents: Any, left: Any, kb: bytes, val: CID, expect: CID | None) -> bytes:
+        """Node bytes with key ``kb`` added (at its layer) or its value changed, when the slot
+        it goes into has no subtree (``_Other`` otherwise)."""
         count = len(ents)
         i, ki, prev = _lscan(ents, kb)
         if ki == kb:
@@ -1730,48 +1679,90 @@ class _FastInverter:
             if expect is None or e["v"] != expect.cid_bytes:
                 raise _Bail  # present / another value
             old = _entry_bytes(e["p"], e["k"], e["t"], e["v"])
-            return self.spliced(n, count, count, old, _entry_bytes(e["p"], e["k"], e["t"], val.cid_bytes))
+            return _spliced(data, count, count, old, _entry_bytes(e["p"], e["k"], e["t"], val.cid_bytes))
         if expect is not None:
             raise _Bail  # not in the tree
-        if (ents[i - 1]["t"] if i else n.left) is not None:
+        if (ents[i - 1]["t"] if i else left) is not None:
             raise _Other  # a subtree to split
         pk = _prefix_len(prev, kb) if i else 0
         new = _entry_bytes(pk, kb[pk:], None, val.cid_bytes)
         if ki is None:
-            left = n.left
             if left is not None:
                 raise _Other
-            return self.spliced(n, count, count + 1, b"\x61l\xf6", new + b"\x61l\xf6")
+            return _spliced(data, count, count + 1, b"\x61l\xf6", new + b"\x61l\xf6")
         en = ents[i]
         pn = en["p"]
         if pn != (_prefix_len(prev, ki) if i else 0):
             raise _Bail
         old = _entry_bytes(pn, en["k"], en["t"], en["v"])
         np = _prefix_len(kb, ki)
-        return self.spliced(n, count, count + 1, old, new + _entry_bytes(np, ki[np:], en["t"], en["v"]))
+        return _spliced(data, count, count + 1, old, new + _entry_bytes(np, ki[np:], en["t"], en["v"]))
 
-    def spliced(self, n: _LNode, count: int, new_count: int, old: bytes, new: bytes) -> _LNode:
-        """A fresh light node: ``n``'s bytes with ``old`` (found exactly once) replaced by
-        ``new`` and the entry count adjusted."""
-        data = n.data
-        assert data is not None
-        j = data.find(old)
-        if j < 0 or data.find(old, j + 1) >= 0:
-            raise _Other
-        head = _head(0x80, count)
-        if data[3 : 3 + len(head)] != head:
-            raise _Bail
-        out = b"".join((data[:3], _head(0x80, new_count), data[3 + len(head) : j], new, data[j + len(old) :]))
-        return _LNode(None, None, n.left, None, None, out)
+    def splice_op(
+        self, cb: bytes, layer: int, kb: bytes, h: int, action: str, cid: CID | None, prev: CID | None
+    ) -> tuple[bytes, bytes | None]:
+        """One op along a straight path: CID bytes of the new root, and its first key when
+        that may have changed (``_Other`` when the op needs the general path)."""
+        path: list[tuple[bytes, bytearray]] = []  # (node bytes, link followed)
+        data, ents, left = self.fetch(cb)
+        seen = [(cb, data, ents, left)]  # handed to the general path if it takes over
+        while layer > h:
+            # the slot: entries up to the first key >= kb (keys rebuilt from their prefixes)
+            prev_key = b""
+            i = 0
+            for e in ents:
+                p = e["p"]
+                key = prev_key[:p] + e["k"] if p else e["k"]
+                if key >= kb:
+                    if key == kb:
+                        raise _Bail  # the key sits above its layer
+                    break
+                prev_key = key
+                i += 1
+            raw = ents[i - 1]["t"] if i else left
+            if raw is None:
+                if action != "delete":
+                    raise _Bail  # the key is not in the tree
+                for cb, data, ents, left in seen:
+                    self.decoded[cb] = (data, ents, left)
+                raise _Other  # a new subtree for the key
+            if type(raw) is not bytearray or len(raw) != 36 or raw[:4] != _NODE_PFX:
+                raise _Bail
+            path.append((data, raw))
+            cb = bytes(raw)
+            data, ents, left = self.fetch(cb)
+            seen.append((cb, data, ents, left))
+            layer -= 1
+        try:
+            if action == "create":
+                assert cid is not None
+                data = self.cut(data, ents, left, kb, cid)
+            else:
+                assert prev is not None
+                data = self.paste(data, ents, left, kb, prev, cid if action == "update" else None)
+        except _Other:
+            for cb, data, ents, left in seen:
+                self.decoded[cb] = (data, ents, left)
+            raise
+        new = _NODE_PFX + _sha256(data).digest()
+        if not path:  # the root was the key's node: its first key may have changed
+            return new, _first_key(_light_decode(data)[0])
+        for data, raw in reversed(path):
+            new = _NODE_PFX + _sha256(_splice(data, raw, new)).digest()
+        return new, None
 
-    def op_remove(self, root: _FNode | _LNode, layer: int, kb: bytes, h: int, val: CID) -> _FNode | _LNode | None:
+    def op_remove(
+        self, root: _FNode | _LNode, layer: int, kb: bytes, h: int, val: CID
+    ) -> _FNode | _LNode | None:
         path, n, layer_n, lo, hi = self.descend(root, layer, kb, h)
         if n is None:
             raise _Bail  # not in the tree
         new: _FNode | _LNode | None
         if layer_n == h and type(n) is _LNode and n.over is None:
             try:
-                new = self.cut(n, kb, val)
+                assert n.data is not None
+                out = self.cut(n.data, _ents(n), n.left, kb, val)
+                new = _LNode(None, None, n.left, None, None, out)
             except _Other:
                 new = self.remove(n, layer_n, kb, h, val, lo, hi)
         else:
@@ -1793,7 +1784,9 @@ class _FastInverter:
             new = self.put(full, layer_p, kb, h, val, None, lo_p, hi_p)
         elif layer_n == h and type(n) is _LNode and n.over is None:
             try:
-                new = self.paste(n, kb, val, expect)
+                assert n.data is not None
+                out = self.paste(n.data, _ents(n), n.left, kb, val, expect)
+                new = _LNode(None, None, n.left, None, None, out)
             except _Other:
                 new = self.put(n, layer_n, kb, h, val, expect, lo, hi)
         else:
@@ -1808,7 +1801,7 @@ class _FastInverter:
         """``n`` without key ``kb`` (height ``h``), which must be present with value ``val``."""
         if type(n) is _LNode:
             if layer != h:
-                path, sub, layer_s, slo, shi = self.descend(n, layer, kb, h)
+                path, sub, layer_s, slo, shi = self.descend(n, layer, kb, h, lo, hi)
                 if sub is None:
                     raise _Bail
                 return self.rebuild(path, self.remove(sub, layer_s, kb, h, val, slo, shi))
@@ -1839,7 +1832,9 @@ class _FastInverter:
         subs[i] = self.remove(sub, layer - 1, kb, h, val, clo, chi)
         return _fderive(n, n.vals, subs)
 
-    def merge(self, a_ref: _FRef, b_ref: _FRef, layer: int, lo: bytes | None, mid: bytes, hi: bytes | None) -> _FRef:
+    def merge(
+        self, a_ref: _FRef, b_ref: _FRef, layer: int, lo: bytes | None, mid: bytes, hi: bytes | None
+    ) -> _FRef:
         """Join adjacent subtrees at ``layer`` (keys of a < mid < keys of b)."""
         if a_ref is None:
             return b_ref
@@ -1853,7 +1848,9 @@ class _FastInverter:
         inner = self.merge(a.subs[-1], b.subs[0], layer - 1, a_hi, mid, b_lo)
         return _FNode([*a.keys, *b.keys], [*a.vals, *b.vals], [*a.subs[:-1], inner, *b.subs[1:]])
 
-    def split(self, ref: _FRef, layer: int, kb: bytes, lo: bytes | None, hi: bytes | None) -> tuple[_FRef, _FRef]:
+    def split(
+        self, ref: _FRef, layer: int, kb: bytes, lo: bytes | None, hi: bytes | None
+    ) -> tuple[_FRef, _FRef]:
         """Split a subtree at ``layer`` around a key that belongs higher up."""
         n = self.full(ref, layer, lo, hi)
         if n is None:
@@ -1870,7 +1867,9 @@ class _FastInverter:
             sl: _FRef = None
             sr: _FRef = None
         else:
-            sl, sr = self.split(n.subs[i], layer - 1, kb, keys[i - 1] if i else lo, keys[i] if i < len(keys) else hi)
+            sl, sr = self.split(
+                n.subs[i], layer - 1, kb, keys[i - 1] if i else lo, keys[i] if i < len(keys) else hi
+            )
         return (
             _fmk(keys[:i], n.vals[:i], [*n.subs[:i], sl]),
             _fmk(keys[i:], n.vals[i:], [sr, *n.subs[i + 1 :]]),
@@ -1896,7 +1895,7 @@ class _FastInverter:
             return _FNode([], [], [self.put(None, layer - 1, kb, h, val, None, lo, hi)])
         if type(n) is _LNode:
             if layer != h:
-                path, sub, layer_s, slo, shi = self.descend(n, layer, kb, h)
+                path, sub, layer_s, slo, shi = self.descend(n, layer, kb, h, lo, hi)
                 if sub is None:
                     if expect is not None:
                         raise _Bail
@@ -1938,44 +1937,13 @@ class _FastInverter:
 
     # driver -----------------------------------------------------------------------------
 
-    def run(self, root_cid: CID, ops: Sequence[Op]) -> CID:
-        keyed: list[tuple[bytes, int, str, CID | None, CID | None]] = []
-        seen: set[str] = set()
-        key_re = _KEY_RE
-        for op in ops:
-            action, path, cid, prev = op
-            if type(path) is not str or path in seen or not path.isascii():
-                raise _Bail
-            seen.add(path)
-            kb = path.encode()
-            if len(kb) > MAX_KEY_LEN or key_re.match(kb) is None:
-                raise _Bail
-            if action == "create":
-                ok = type(cid) is CID and prev is None
-            elif action == "update":
-                ok = type(cid) is CID and type(prev) is CID
-            elif action == "delete":
-                ok = cid is None and type(prev) is CID
-            else:
-                ok = False
-            if not ok:
-                raise _Bail
-            keyed.append((kb, key_height(kb), action, cid, prev))
-        if not keyed:
-            return root_cid
-        if type(root_cid) is not CID or not root_cid.is_cidv1_dag_cbor_sha256_32():
-            raise _Bail
-        root: _FNode | _LNode | None = self.light(root_cid.cid_bytes)
-        assert type(root) is _LNode
-        anchor: bytes | None = None
-        if root.ents:
-            anchor = _lfirst(root)
-            layer = anchor_layer = key_height(anchor)
-        elif root.left is not None:
-            raise _Bail  # an empty root pointing to a subtree
-        else:
-            root = None
-            layer = anchor_layer = 0
+    def cow_ops(
+        self, root_cb: bytes | None, layer: int, keyed: list[tuple[bytes, int, str, CID | None, CID | None]]
+    ) -> tuple[bytes | None, int, bytes | None]:
+        """Ops the thorough algorithm's way, on light and full nodes, hashing the changed
+        nodes once at the end: the new root's CID bytes (None: the empty tree), its layer
+        and its first key."""
+        root: _FNode | _LNode | None = None if root_cb is None else self.light(root_cb)
         for kb, h, action, cid, prev in keyed:
             if action == "create":
                 if root is None or h > layer:
@@ -2017,17 +1985,75 @@ class _FastInverter:
             else:
                 root = self.op_put(root, layer, kb, h, prev, expect)
         if root is None:
-            return EMPTY_ROOT_CID
-        # the computed root must sit at its first key's layer (see above)
-        if type(root) is _FNode:
+            return None, 0, None
+        if isinstance(root, _FNode):
             if not root.keys:
                 raise _Bail
             first = root.keys[0]
         else:
-            first = _lfirst(root)  # type: ignore[arg-type]
+            first = _first_key(_ents(root.src))
+        return _fcid(root), layer, first
+
+    def run(self, root_cid: CID, ops: Sequence[Op]) -> CID:
+        keyed: list[tuple[bytes, int, str, CID | None, CID | None]] = []
+        seen: set[str] = set()
+        key_re = _KEY_RE
+        for op in ops:
+            action, path, cid, prev = op
+            if type(path) is not str or path in seen or not path.isascii():
+                raise _Bail
+            seen.add(path)
+            kb = path.encode()
+            if len(kb) > MAX_KEY_LEN or key_re.match(kb) is None:
+                raise _Bail
+            if action == "create":
+                ok = type(cid) is CID and prev is None
+            elif action == "update":
+                ok = type(cid) is CID and type(prev) is CID
+            elif action == "delete":
+                ok = cid is None and type(prev) is CID
+            else:
+                ok = False
+            if not ok:
+                raise _Bail
+            keyed.append((kb, key_height(kb), action, cid, prev))
+        if not keyed:
+            return root_cid
+        if type(root_cid) is not CID or not root_cid.is_cidv1_dag_cbor_sha256_32():
+            raise _Bail
+        root: bytes | None = root_cid.cid_bytes
+        node = self.fetch(root_cid.cid_bytes)
+        self.decoded[root_cid.cid_bytes] = node  # the first op reads it again
+        _, ents, left = node
+        anchor: bytes | None = None
+        if ents:
+            anchor = _first_key(ents)
+            layer = anchor_layer = key_height(anchor)
+        elif left is not None:
+            raise _Bail  # an empty root pointing to a subtree
+        else:
+            root = None
+            layer = anchor_layer = 0
+        # one op on a layer-0 key (most commits): the straight path, where it goes; several
+        # ops share the nodes near the root, so they are edited first and hashed once
+        first = anchor
+        if len(keyed) == 1 and keyed[0][1] == 0 and root is not None:
+            kb, h, action, cid, prev = keyed[0]
+            try:
+                root, changed = self.splice_op(root, layer, kb, h, action, cid, prev)
+                if changed is not None:
+                    first = changed
+            except _Other:
+                root, layer, first = self.cow_ops(root, layer, keyed)
+        else:
+            root, layer, first = self.cow_ops(root, layer, keyed)
+        if root is None:
+            return EMPTY_ROOT_CID
+        # the computed root must sit at its first key's layer (see above)
+        assert first is not None
         if (first != anchor or layer != anchor_layer) and key_height(first) != layer:
             raise _Bail
-        return CID(_fcid(root))
+        return CID(root)
 
 
 def _invert_fast(blocks: Mapping[CID, bytes], root_after: CID, ops: Sequence[Op], verify: bool) -> CID | None:
