@@ -44,7 +44,51 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--plc", metavar="URL", help="verify commit signatures with keys from this PLC directory")
     fr.add_argument("--key", metavar="DID_KEY", help="verify every commit against this one did:key")
     fr.set_defaults(func=_cmd_inspect_frames)
+    dev = sub.add_parser("devnet", help="a local AT Protocol network: PLC, PDSes, relay, labeler")
+    dsub = dev.add_subparsers(dest="action", metavar="ACTION")
+    up = dsub.add_parser("up", help="start the network, seed it, print its endpoints as JSON, run until Ctrl-C")
+    up.add_argument("--pds", type=int, default=2, help="number of PDSes (default 2)")
+    up.add_argument("--accounts", type=int, default=50, help="accounts to seed at start (default 50)")
+    up.add_argument("--records", type=int, default=40, help="records per seeded account (default 40)")
+    up.add_argument("--live", type=float, default=0.0, metavar="RATE", help="live writes per second (default 0)")
+    up.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    up.add_argument("--faults", default="", metavar="SPEC", help="fault knobs, e.g. drop_after_frames=100,http_429_every=3")
+    up.add_argument("--base-port", type=int, default=0, help="fixed ports from here (default: free ports)")
+    up.add_argument("--control-port", type=int, default=0, help="port of the control API (default: free)")
+    up.add_argument("--manifest", metavar="PATH", help="write the ground-truth manifest here on exit")
+    up.set_defaults(func=_cmd_devnet_up)
+    sd = dsub.add_parser("seed", help="seed more accounts into the running devnet")
+    sd.add_argument("--accounts", type=int, default=10)
+    sd.add_argument("--records", type=int, default=20)
+    sd.add_argument("--control", metavar="URL", help="control URL (default: from the data dir's devnet.json)")
+    sd.set_defaults(func=_cmd_devnet_seed)
+    mf = dsub.add_parser("manifest", help="print (or save) the running devnet's ground-truth manifest")
+    mf.add_argument("-o", "--output", metavar="PATH")
+    mf.add_argument("--control", metavar="URL")
+    mf.set_defaults(func=_cmd_devnet_manifest)
     return p
+
+
+def _cmd_devnet_up(args: argparse.Namespace) -> int:
+    from psky.devnet.control import run_up
+
+    if args.pds < 1 or args.accounts < 0 or args.records < 0 or args.live < 0:
+        raise UserError("--pds must be at least 1; --accounts, --records and --live not negative", 2)
+    return asyncio.run(run_up(n_pds=args.pds, accounts=args.accounts, records=args.records, live_rate=args.live,
+                              seed=args.seed, faults=args.faults, base_port=args.base_port,
+                              control_port=args.control_port, manifest=args.manifest))
+
+
+def _cmd_devnet_seed(args: argparse.Namespace) -> int:
+    from psky.devnet.control import run_seed
+
+    return asyncio.run(run_seed(control=args.control, accounts=args.accounts, records=args.records))
+
+
+def _cmd_devnet_manifest(args: argparse.Namespace) -> int:
+    from psky.devnet.control import run_manifest
+
+    return asyncio.run(run_manifest(control=args.control, output=args.output))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
