@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--plc", metavar="URL", help="verify commit signatures with keys from this PLC directory")
     fr.add_argument("--key", metavar="DID_KEY", help="verify every commit against this one did:key")
     fr.set_defaults(func=_cmd_inspect_frames)
+    mig = sub.add_parser("migrate", help="create or update the AppView schema in PostgreSQL")
+    mig.add_argument("--database-url", help="default: DATABASE_URL / DB_POSTGRES_URL, else the embedded server")
+    mig.set_defaults(func=_cmd_migrate)
+
     dev = sub.add_parser("devnet", help="a local AT Protocol network: PLC, PDSes, relay, labeler")
     dsub = dev.add_subparsers(dest="action", metavar="ACTION")
     up = dsub.add_parser("up", help="start the network, seed it, print its endpoints as JSON, run until Ctrl-C")
@@ -67,6 +71,26 @@ def _parser() -> argparse.ArgumentParser:
     mf.add_argument("--control", metavar="URL")
     mf.set_defaults(func=_cmd_devnet_manifest)
     return p
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from psky.db.migrations import migrate
+    from psky.services import ConfigError, resolve_database_url, service_urls_sync
+
+    async def run(url: str) -> list[str]:
+        return await migrate(url)
+
+    try:
+        url = args.database_url or resolve_database_url()
+    except ConfigError as e:
+        raise UserError(str(e), 2) from None
+    if url:
+        applied = asyncio.run(run(url))
+    else:
+        with service_urls_sync() as (_redis, pg_url):
+            applied = asyncio.run(run(pg_url))
+    print(f"applied: {', '.join(applied)}" if applied else "schema up to date")
+    return 0
 
 
 def _cmd_devnet_up(args: argparse.Namespace) -> int:
