@@ -15,6 +15,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from psky.httpserver import start_app
+
 HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -32,13 +34,8 @@ class MetricsServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
         app.router.add_get("/_health", self._health)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        self._runner, url = await start_app(app, host, port)
+        self.port = int(url.rsplit(":", 1)[1])
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -33,6 +33,7 @@ from psky.devnet.faults import Faults
 from psky.devnet.network import Devnet
 from psky.devnet.workload import Workload
 from psky.errors import UserError
+from psky.httpserver import start_app
 
 log = logging.getLogger("psky.devnet.control")
 
@@ -58,12 +59,7 @@ class Controller:
         app.router.add_get("/endpoints", self._endpoints)
         app.router.add_post("/seed", self._seed)
         app.router.add_post("/faults", self._faults)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._runner, self.url = await start_app(app, "127.0.0.1", port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -43,6 +43,7 @@ from psky.devnet.faults import Faults, http_fault_middleware
 from psky.devnet.plc import PlcClient
 from psky.devnet.sequencer import Sequencer
 from psky.devnet.xrpc import invalid_request, json_response, param_int, xrpc_middleware
+from psky.httpserver import start_app
 
 __all__ = ["Labeler", "format_datetime"]
 
@@ -158,12 +159,7 @@ class Labeler:
         """Listen on *host*:*port* (0 = a free port) and register the DID at the PLC."""
         if self._runner is not None:
             raise RuntimeError("labeler already started")
-        runner = web.AppRunner(self.make_app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        self.url = f"http://{host}:{runner.addresses[0][1]}"
+        self._runner, self.url = await start_app(self.make_app(), host, port)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         try:
             await self._register()

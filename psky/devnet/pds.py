@@ -83,6 +83,7 @@ from psky.devnet.xrpc import (
     param_tid,
     xrpc_middleware,
 )
+from psky.httpserver import start_app
 
 __all__ = ["ACCOUNT_STATUSES", "MAX_WRITES", "Account", "Pds", "PdsError", "Write"]
 
@@ -356,13 +357,7 @@ class Pds:
         """Listen on ``host:port`` (0 = a free port)."""
         if self._runner is not None:
             raise RuntimeError("Pds already started")
-        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
-        self._url = f"http://{host if host not in ('0.0.0.0', '::') else bound_host}:{bound_port}"
+        self._runner, self._url = await start_app(self.make_app(), host, port, shutdown_timeout=5.0)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._plc = PlcClient(self.plc_url, self._session)
         log.info("PDS %s listening on %s", self.hostname, self._url)

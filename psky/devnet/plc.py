@@ -37,6 +37,7 @@ from psky.atproto import plc
 from psky.atproto.crypto import PrivateKey
 from psky.atproto.did import ATPROTO_PDS
 from psky.devnet.faults import Faults, http_fault_middleware
+from psky.httpserver import start_app
 
 __all__ = [
     "DidGone",
@@ -133,13 +134,7 @@ class PlcDirectory:
         """Listen on *host*:*port* (0 = a free port)."""
         if self._runner is not None:
             raise RuntimeError("PlcDirectory already started")
-        runner = web.AppRunner(self.make_app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
-        self._url = f"http://{host if host not in ('0.0.0.0', '::') else bound_host}:{bound_port}"
+        self._runner, self._url = await start_app(self.make_app(), host, port)
         log.info("PLC directory listening on %s", self._url)
 
     async def stop(self) -> None:

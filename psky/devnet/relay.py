@@ -75,6 +75,7 @@ from psky.devnet.xrpc import (
     xrpc_error,
     xrpc_middleware,
 )
+from psky.httpserver import start_app
 from psky.identity import IdentityResolver, ResolutionError
 
 __all__ = ["FRAME_SIZE_LIMIT", "HostState", "Relay", "RelayAccount"]
@@ -226,12 +227,7 @@ class Relay:
         """Listen on *host*:*port* (0 = a free port) and start following the hosts."""
         if self._runner is not None:
             raise RuntimeError("relay already started")
-        runner = web.AppRunner(self.make_app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        self.url = f"http://{host}:{runner.addresses[0][1]}"
+        self._runner, self.url = await start_app(self.make_app(), host, port)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         if self.plc_url is not None:
             self._resolver = IdentityResolver(self.plc_url, ttl_s=60.0, session=self._session)
