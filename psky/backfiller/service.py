@@ -1,0 +1,509 @@
+"""The backfiller worker: ``repo_backfill`` → getRepo → verify → ``firehose_backfill``.
+
+One process is one member of the consumer group; any number run side by side. Per message:
+
+1. parse the ``repo_backfill`` entry (malformed: acknowledged and counted);
+2. resolve the DID document (the PDS endpoint and signing key; ``host`` is only a hint);
+3. wait for the PDS host's turn (concurrency cap, request rate, its Retry-After) *before*
+   taking a worker slot, so one slow host never starves the others;
+4. fetch and verify the whole repo (hashes, signature, MST, DID), streaming, size-capped;
+5. write one ``create`` event (seq -2) per record, in chunks, then the ``repo`` event,
+   waiting at the output stream's high-water mark; flush; only then acknowledge.
+
+A crash before step 5 ends leaves the entry pending: it is claimed again (by this consumer on
+restart, or by another once idle) and the repo is emitted again — duplicates are harmless
+to the indexer, loss is not. Transient failures are rescheduled with exponential backoff and
+jitter through the consumer group itself (the entry's idle time is set so it is claimed after
+the delay), so no task sleeps on it; after ``max_retries`` retries it is dead-lettered with
+the reason. Verification and parse failures are dead-lettered at once and never emitted.
+Unavailable repos (RepoNotFound/Takendown/Deactivated/Suspended) are acknowledged and, when
+the status differs from what the entry said, become an ``account`` event for the indexer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from libipld import encode_cid
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from psky.backfiller.config import BackfillerConfig
+from psky.backfiller.fetch import Fatal, FetchFailure, Permanent, Transient, fetch_repo
+from psky.backfiller.hosts import (
+    AddressGuard,
+    GuardedResolver,
+    HostBlocked,
+    HostLimiter,
+    HostLimits,
+    HostRegistry,
+)
+from psky.identity import IdentityResolver, ResolutionError
+from psky.metrics import MetricsServer
+from psky.streams import (
+    SEQ_BACKFILL,
+    AccountEvent,
+    MalformedMessage,
+    Message,
+    StreamConsumer,
+    StreamWriter,
+    connect,
+    encode_event,
+    now_iso,
+    parse_backfill_request,
+)
+
+__all__ = ["Backfiller", "BackfillerMetrics", "run_backfiller"]
+
+log = logging.getLogger("psky.backfiller")
+
+
+class BackfillerMetrics:
+    """The seed's metric names (rsky-backfiller) plus bytes fetched and per-host state."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.repos_processed = Counter("backfiller_repos_processed", "Repos fully emitted", registry=r)
+        self.repos_failed = Counter("backfiller_repos_failed", "Repo attempts that failed", registry=r)
+        self.repos_dead_lettered = Counter(
+            "backfiller_repos_dead_lettered", "Repos sent to the DLQ", registry=r
+        )
+        self.records_extracted = Counter("backfiller_records_extracted", "Records emitted", registry=r)
+        self.retries_attempted = Counter("backfiller_retries_attempted", "Retries scheduled", registry=r)
+        self.repos_waiting = Gauge("backfiller_repos_waiting", "Entries in the input stream", registry=r)
+        self.repos_running = Gauge("backfiller_repos_running", "Repos being processed", registry=r)
+        self.output_stream_length = Gauge(
+            "backfiller_output_stream_length", "Output stream length", registry=r
+        )
+        self.car_fetch_errors = Counter("backfiller_car_fetch_errors", "CAR fetch errors", registry=r)
+        self.car_parse_errors = Counter("backfiller_car_parse_errors", "CAR parse errors", registry=r)
+        self.verification_errors = Counter(
+            "backfiller_verification_errors", "Verification errors", registry=r
+        )
+        self.bytes_fetched = Counter("backfiller_bytes_fetched", "CAR bytes read", registry=r)
+        self.repos_unavailable = Counter(
+            "backfiller_repos_unavailable", "Repos the PDS reports unavailable", ["error"], registry=r
+        )
+        self.address_refused = Counter(
+            "backfiller_address_refused", "Targets refused by the guard", registry=r
+        )
+        self.malformed = Counter(
+            "backfiller_malformed_messages", "Unusable input entries", ["code"], registry=r
+        )
+        self.host_active = Gauge(
+            "backfiller_host_requests_active", "Requests in flight per host", ["host"], registry=r
+        )
+        self.host_rate_limited = Gauge(
+            "backfiller_host_rate_limited", "429 answers per host", ["host"], registry=r
+        )
+
+
+@dataclass(slots=True)
+class _Totals:
+    repos: int = 0
+    records: int = 0
+
+
+class Backfiller:
+    """One consumer-group member; :meth:`run` until *stop* is set."""
+
+    def __init__(
+        self,
+        config: BackfillerConfig,
+        redis: aioredis.Redis,
+        *,
+        metrics: BackfillerMetrics | None = None,
+        resolver: IdentityResolver | None = None,
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self.metrics = metrics if metrics is not None else BackfillerMetrics()
+        self.guard = AddressGuard(config.allow_hosts)
+        self.hosts = HostRegistry(HostLimits(config.host_concurrency, config.host_rate))
+        self.resolver = (
+            resolver
+            if resolver is not None
+            else IdentityResolver(
+                config.plc_url, timeout_s=min(config.http_timeout_s, 30.0), handle_map=config.handle_map
+            )
+        )
+        self._own_resolver = resolver is None
+        self.consumer = StreamConsumer(
+            redis,
+            [config.backfill_stream],
+            config.group,
+            config.consumer,
+            batch_size=config.batch_size,
+            claim_idle_ms=config.claim_idle_ms,
+            claim_interval_ms=config.claim_interval_ms,
+            # safety net for repos that crash the process: max_retries is enforced below
+            max_deliveries=config.max_retries + 2,
+            dlq_stream=config.dlq_stream,
+        )
+        self.writer = StreamWriter(
+            redis,
+            config.firehose_stream,
+            high_water_mark=config.high_water_mark,
+            batch_size=config.chunk_size,
+        )
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._to_settle: list[tuple[Message, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.totals = _Totals()
+
+    # -- lifecycle
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=0,
+                limit_per_host=self.config.host_concurrency,
+                resolver=GuardedResolver(self.guard),
+                ttl_dns_cache=300,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.config.http_timeout_s),
+                headers={"accept": "application/vnd.ipld.car", "user-agent": "psky-backfiller"},
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._own_resolver:
+            await self.resolver.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until *stop*; in-flight repos finish (or stay pending) before returning."""
+        stop_task = asyncio.ensure_future(stop.wait())
+        stats = asyncio.ensure_future(self._report(stop))
+        try:
+            await self.consumer.ensure_groups()
+            while not stop.is_set():
+                # read more only when the workers are about to run dry
+                while len(self._tasks) >= self.config.concurrency and not stop.is_set():
+                    await asyncio.wait([*self._tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():
+                    break
+                await self.writer.wait_below_high_water_mark()
+                read = asyncio.ensure_future(self.consumer.read())
+                await asyncio.wait([read, stop_task], return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    self.consumer.stop()
+                    with contextlib.suppress(Exception):
+                        await read
+                    break
+                for message in read.result():
+                    task = asyncio.create_task(self._handle(message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            self.consumer.stop()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            stop_task.cancel()
+            stats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats
+            with contextlib.suppress(Exception):
+                await self.writer.flush()
+
+    # -- one repo
+
+    async def _handle(self, message: Message) -> None:
+        try:
+            await self._process(message)
+        except asyncio.CancelledError:
+            self.consumer.release([message])
+            raise
+        except Exception as e:  # never lose the entry: record and retry later
+            log.exception("unexpected error backfilling", extra={"id": message.id})
+            with contextlib.suppress(Exception):
+                await self._retry(message, f"internal error: {type(e).__name__}: {e}", None)
+
+    async def _process(self, message: Message) -> None:
+        m = self.metrics
+        try:
+            request = parse_backfill_request(message.fields)
+        except MalformedMessage as e:
+            m.malformed.labels(e.code).inc()
+            log.error("unusable repo_backfill entry", extra={"id": message.id, "error": str(e)})
+            await self.consumer.ack([message])
+            return
+        did = request.did
+        try:
+            doc = await self.resolver.resolve(did)
+        except ResolutionError as e:
+            text = str(e)
+            if "not found" in text or "invalid DID document" in text or "unsupported DID" in text:
+                m.repos_unavailable.labels("InvalidDid").inc()
+                log.warning("DID not resolvable, skipping", extra={"did": did, "error": text})
+                await self.consumer.ack([message])
+                return
+            await self._retry(message, text, None)
+            return
+        endpoint, key = doc.pds_endpoint, doc.signing_key
+        if not endpoint or not key:
+            m.repos_unavailable.labels("NoPdsOrKey").inc()
+            log.warning("DID document lacks a PDS or signing key", extra={"did": did})
+            await self.consumer.ack([message])
+            return
+        try:
+            host = self.guard.check_url(endpoint)
+        except ValueError as e:
+            m.address_refused.inc()
+            m.car_fetch_errors.inc()
+            await self._dead_letter(message, f"refused: {e}")
+            return
+        limiter = self.hosts.get(host)
+        try:
+            async with limiter.slot(max_wait=self.config.max_host_wait_s):
+                m.host_active.labels(host).set(limiter.active)
+                async with self._slots:
+                    m.repos_running.inc()
+                    try:
+                        await self._backfill(
+                            message, request.did, request.status, request.active, endpoint, key, limiter
+                        )
+                    finally:
+                        m.repos_running.dec()
+                m.host_active.labels(host).set(limiter.active - 1)
+        except HostBlocked as e:
+            # the host's own back-off, not this repo's failure: reschedule (counts as a retry)
+            await self._retry(message, str(e), e.seconds)
+
+    async def _backfill(
+        self,
+        message: Message,
+        did: str,
+        old_status: str | None,
+        old_active: bool | None,
+        endpoint: str,
+        key: str,
+        limiter: HostLimiter,
+    ) -> None:
+        m = self.metrics
+        try:
+            repo, size = await fetch_repo(
+                self._http(),
+                self.guard,
+                endpoint,
+                did,
+                key,
+                max_car_bytes=self.config.max_car_bytes,
+                max_redirects=self.config.max_redirects,
+            )
+        except Transient as e:
+            m.car_fetch_errors.inc()
+            if e.rate_limited:
+                limiter.block_for(e.retry_after if e.retry_after is not None else 1.0)
+                m.host_rate_limited.labels(limiter.host).set(limiter.rate_limited)
+            await self._retry(message, e.reason, e.retry_after)
+            return
+        except Permanent as e:
+            m.repos_unavailable.labels(e.error).inc()
+            await self._unavailable(message, did, e, old_status, old_active)
+            return
+        except Fatal as e:
+            if e.kind == "verify":
+                m.verification_errors.inc()
+            elif e.kind in ("parse", "too_large"):
+                m.car_parse_errors.inc()
+            else:
+                m.car_fetch_errors.inc()
+                if e.kind == "refused":
+                    m.address_refused.inc()
+            await self._dead_letter(message, f"{e.kind}: {e.reason}")
+            return
+        except FetchFailure as e:  # pragma: no cover - the three kinds above are exhaustive
+            await self._retry(message, e.reason, None)
+            return
+        m.bytes_fetched.inc(size)
+        commit, rev, now = repo.commit_cid.encode(), repo.rev or "", now_iso()
+        head = b'{"type":"create","seq":%d,"time":%s,"did":%s,"commit":%s,"rev":%s,' % (
+            SEQ_BACKFILL,
+            orjson.dumps(now),
+            orjson.dumps(did),
+            orjson.dumps(commit),
+            orjson.dumps(rev),
+        )
+        dumps = orjson.dumps
+        add = self.writer.add
+        count = 0
+        for rec in repo.records(release=True):
+            if rec.value is None:
+                log.warning(
+                    "undecodable record skipped", extra={"did": did, "path": rec.path, "error": rec.error}
+                )
+                continue
+            body = dumps(
+                {
+                    "collection": rec.collection,
+                    "rkey": rec.rkey,
+                    "cid": encode_cid(rec.cid.cid_bytes),
+                    "record": rec.value,
+                }
+            )
+            await add({"event": head + body[1:]})
+            count += 1
+        await add({"event": dumps({"type": "repo", "time": now, "did": did, "commit": commit, "rev": rev})})
+        await self._settle(message)
+        m.records_extracted.inc(count)
+        m.repos_processed.inc()
+        self.totals.repos += 1
+        self.totals.records += count
+        if self.writer.stats.stream_length is not None:
+            m.output_stream_length.set(self.writer.stats.stream_length)
+
+    # -- group commit
+
+    async def _settle(self, message: Message) -> None:
+        """Acknowledge *message* once everything buffered so far is written.
+
+        Repos finishing together share one write of the buffer and one acknowledgement
+        pipeline (the flusher runs while more repos finish); the caller waits for both, so
+        a worker slot is only given back once its repo is safely out.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._to_settle.append((message, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+        await done
+
+    async def _flush_loop(self) -> None:
+        while self._to_settle:
+            batch, self._to_settle = self._to_settle, []
+            try:
+                await self.writer.flush()
+                await self.consumer.ack([m for m, _ in batch])
+            except Exception as e:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    # -- outcomes
+
+    def _backoff_ms(self, attempt: int) -> int:
+        """Exponential backoff with jitter for retry number *attempt* (1-based)."""
+        c = self.config
+        delay = min(c.retry_max_backoff_ms, c.retry_initial_backoff_ms * (2 ** min(attempt - 1, 30)))
+        return int(random.uniform(delay / 2, delay))
+
+    async def _retry(self, message: Message, reason: str, retry_after: float | None) -> None:
+        m = self.metrics
+        m.repos_failed.inc()
+        retries_done = message.deliveries - 1
+        if retries_done >= self.config.max_retries:
+            await self._dead_letter(
+                message, f"gave up after {retries_done} retries (max {self.config.max_retries}): {reason}"
+            )
+            return
+        delay = self._backoff_ms(retries_done + 1)
+        if retry_after is not None:
+            delay = max(delay, int(retry_after * 1000))
+        delay = min(delay, self.config.claim_idle_ms)
+        m.retries_attempted.inc()
+        log.info(
+            "repo backfill failed, retrying",
+            extra={"id": message.id, "reason": reason, "retry_in_ms": delay, "attempt": message.deliveries},
+        )
+        await self.consumer.fail([message], reason, retry_in_ms=delay)
+
+    async def _dead_letter(self, message: Message, reason: str) -> None:
+        self.metrics.repos_dead_lettered.inc()
+        log.warning("repo dead-lettered", extra={"id": message.id, "reason": reason})
+        await self.consumer.dead_letter([message], reason)
+
+    async def _unavailable(
+        self, message: Message, did: str, e: Permanent, old_status: str | None, old_active: bool | None
+    ) -> None:
+        """Acknowledge; tell the indexer when the status is news to what the entry said."""
+        if old_status != e.status or old_active is not False:
+            event = AccountEvent(seq=SEQ_BACKFILL, time=now_iso(), did=did, active=False, status=e.status)
+            await self.writer.add({"event": encode_event(event)})
+            await self.writer.flush()
+        log.info("repo unavailable, acknowledged", extra={"did": did, "error": e.error})
+        await self.consumer.ack([message])
+
+    # -- progress
+
+    async def _report(self, stop: asyncio.Event, interval_s: float = 1.0, log_every_s: float = 10.0) -> None:
+        m = self.metrics
+        last_log, last = time.monotonic(), _Totals()
+        while not stop.is_set():
+            await asyncio.sleep(interval_s)
+            try:
+                waiting = int(await self.redis.xlen(self.config.backfill_stream))
+                m.repos_waiting.set(waiting)
+                m.output_stream_length.set(int(await self.redis.xlen(self.config.firehose_stream)))
+            except Exception as e:
+                log.warning("stream length check failed", extra={"error": str(e)})
+                continue
+            now = time.monotonic()
+            if now - last_log >= log_every_s:
+                span = now - last_log
+                log.info(
+                    "backfill progress",
+                    extra={
+                        "repos_per_s": round((self.totals.repos - last.repos) / span, 1),
+                        "records_per_s": round((self.totals.records - last.records) / span, 1),
+                        "queue_left": waiting,
+                        "running": len(self._tasks),
+                        "hosts": len(self.hosts),
+                    },
+                )
+                last_log, last = now, _Totals(self.totals.repos, self.totals.records)
+
+    async def health(self) -> dict[str, Any]:
+        await self.redis.ping()
+        return {
+            "status": "ok",
+            "repos": self.totals.repos,
+            "records": self.totals.records,
+            "in_flight": len(self._tasks),
+            "hosts": {h: lim.state() for h, lim in self.hosts.items()[:50]},
+        }
+
+
+async def run_backfiller(config: BackfillerConfig, *, stop: asyncio.Event) -> None:
+    """The ``psky backfiller`` service: metrics/health server plus the worker, until *stop*."""
+    redis = connect(config.redis_url)
+    backfiller = Backfiller(config, redis)
+    server = MetricsServer(backfiller.metrics.registry, health=backfiller.health)
+    await server.start(config.metrics_host, config.metrics_port)
+    log.info(
+        "backfiller started",
+        extra={
+            "consumer": config.consumer,
+            "group": config.group,
+            "metrics_port": server.port,
+            "concurrency": config.concurrency,
+        },
+    )
+    try:
+        await backfiller.run(stop)
+    finally:
+        await backfiller.close()
+        await server.stop()
+        await redis.aclose()
+        log.info(
+            "backfiller stopped",
+            extra={"repos": backfiller.totals.repos, "records": backfiller.totals.records},
+        )
