@@ -1,0 +1,299 @@
+"""One relay's ``com.atproto.sync.subscribeRepos`` into ``firehose_live`` (one task per relay).
+
+Per frame: decode, skip seqs at or below the last one (replays), verify a ``#commit``
+according to ``INGESTER_VERIFY``, queue its create/update/delete events (collection filter
+applied, filtered ops counted), then move the cursor with
+:meth:`~psky.streams.StreamWriter.set_cursor_after`, so the stored cursor never covers an
+event that is not in Redis. ``#sync`` and ``tooBig`` commits queue a resync of the repo on
+``repo_backfill``; ``#identity`` also drops the DID from the resolver cache. Bad frames are
+logged and counted and never end the task. Reconnects resume from the last processed seq
+(events already queued stay in the writer's buffer), a restart from the stored cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+
+from psky.atproto.firehose import (
+    AccountEvent,
+    CommitEvent,
+    CommitResult,
+    ErrorFrame,
+    FrameError,
+    IdentityEvent,
+    InfoEvent,
+    SyncEvent,
+    UnknownEvent,
+    decode_frame,
+    process_commit,
+    process_sync,
+    to_stream_events,
+)
+from psky.ingester._ws import read_websocket, reconnect_forever
+from psky.ingester.config import CollectionFilter, IngesterConfig, ws_base
+from psky.ingester.metrics import IngesterMetrics
+from psky.ingester.verify import KeyCache, RepoState, RepoStateStore, state_key
+from psky.streams import BackfillRequest, StreamWriter, backfill_fields, cursor_key
+from psky.streams._redis import Backoff, command, is_transient, raw_client, text
+
+__all__ = ["FirehoseIngester"]
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_REPOS = "/xrpc/com.atproto.sync.subscribeRepos"
+#: reasons after which a commit's records are incomplete whatever the mode: resync the repo
+_DATA_LOSS = frozenset({"bad-car", "missing-block", "bad-commit", "bad-record"})
+
+
+class FirehoseIngester:
+    """Reads one relay; :meth:`run` until cancelled, then :meth:`close` to flush."""
+
+    def __init__(
+        self,
+        config: IngesterConfig,
+        host: str,
+        redis: aioredis.Redis,
+        session: aiohttp.ClientSession,
+        keys: KeyCache,
+        metrics: IngesterMetrics,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.session = session
+        self.keys = keys
+        self.verify = config.verify
+        self.cursor_key = cursor_key(config.firehose_stream, host)
+        self.writer = StreamWriter(
+            redis,
+            config.firehose_stream,
+            high_water_mark=config.firehose_high_water_mark,
+            batch_size=config.batch_size,
+            batch_timeout_ms=config.batch_timeout_ms,
+        )
+        self.states = RepoStateStore(redis, config.firehose_stream, max_entries=config.repo_state_cache)
+        self._raw = raw_client(redis)
+        self.filter = CollectionFilter(config.collections)
+        self.last_seq: int | None = None
+        self._loaded = False
+        self.connected = False
+        m = metrics
+        self.metrics = m
+        self._incoming = m.incoming.labels(host=host)
+        self._filtered = m.filtered.labels(host=host)
+        self._cursor_gauge = m.cursor.labels(host=host)
+        self._skipped = m.duplicates.labels(host=host)
+        self._frames = {t: m.frames.labels(host=host, type=t) for t in
+                        ("commit", "sync", "identity", "account", "info", "error", "unknown")}
+        self._events = {t: m.stream_events.labels(host=host, type=t) for t in
+                        ("create", "update", "delete", "identity", "account")}
+        self._lag_every = 0
+
+    # -- lifecycle
+
+    async def run(self) -> None:
+        self.writer.start()
+        url_base = ws_base(self.host) + SUBSCRIBE_REPOS
+
+        async def connect_once() -> str:
+            if not self._loaded:
+                self.last_seq = await self._load_cursor()
+                self._loaded = True
+            url = url_base if self.last_seq is None else f"{url_base}?cursor={self.last_seq}"
+            self.connected = True
+            try:
+                return await read_websocket(
+                    self.session, url, on_frame=self.handle_frame,
+                    before_read=self.writer.wait_below_high_water_mark,
+                    idle_timeout_s=self.config.idle_timeout_s, max_frame_bytes=self.config.max_frame_bytes,
+                )
+            finally:
+                self.connected = False
+
+        await reconnect_forever(
+            connect_once, min_delay_s=self.config.reconnect_min_s, max_delay_s=self.config.reconnect_max_s,
+            healthy_after_s=self.config.healthy_after_s,
+            on_reconnect=lambda reason: self.metrics.reconnects.labels(host=self.host, reason=reason).inc(),
+        )
+
+    async def close(self) -> None:
+        """Write what is buffered (events, then the cursor covering them)."""
+        await self.writer.close()
+
+    async def _load_cursor(self) -> int | None:
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            try:
+                value = await command(self._raw, "GET", self.cursor_key)
+                break
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                log.warning("cannot read cursor, retrying", extra={"key": self.cursor_key, "error": str(e)})
+                await backoff.sleep()
+        if value is None:
+            return self.config.start_cursor
+        try:
+            return int(text(value))
+        except ValueError:
+            log.error("stored cursor is not an integer, ignoring it", extra={"key": self.cursor_key,
+                                                                            "value": text(value)[:100]})
+            return self.config.start_cursor
+
+    # -- frames
+
+    async def handle_frame(self, data: bytes) -> None:
+        """Process one binary frame; never raises for bad content (logged and counted)."""
+        self._incoming.inc()
+        try:
+            frame = decode_frame(data)
+        except FrameError as e:
+            self.metrics.bad_frames.labels(host=self.host, reason="decode").inc()
+            log.warning("bad frame", extra={"host": self.host, "after_seq": self.last_seq, "bytes": len(data),
+                                            "error": str(e)[:300]})
+            return
+        if isinstance(frame, CommitEvent):
+            if self._stale(frame.seq):
+                return
+            self._frames["commit"].inc()
+            await self._commit(frame)
+            self._advance(frame.seq, frame.time)
+        elif isinstance(frame, (IdentityEvent, AccountEvent)):
+            if self._stale(frame.seq):
+                return
+            kind = "identity" if isinstance(frame, IdentityEvent) else "account"
+            self._frames[kind].inc()
+            if isinstance(frame, IdentityEvent):
+                self.keys.invalidate(frame.did)
+            for event in to_stream_events(None, frame):
+                await self.writer.add({"event": orjson.dumps(event)})
+            self._events[kind].inc()
+            self._advance(frame.seq, frame.time)
+        elif isinstance(frame, SyncEvent):
+            if self._stale(frame.seq):
+                return
+            self._frames["sync"].inc()
+            await self._sync(frame)
+            self._advance(frame.seq, frame.time)
+        elif isinstance(frame, InfoEvent):
+            self._frames["info"].inc()
+            if frame.name == "OutdatedCursor":
+                self.metrics.outdated.labels(host=self.host).inc()
+            log.warning("relay info", extra={"host": self.host, "name": frame.name, "info": frame.message})
+        elif isinstance(frame, ErrorFrame):
+            self._frames["error"].inc()
+            self.metrics.error_frames.labels(host=self.host, error=frame.error[:64]).inc()
+            log.error("relay error frame", extra={"host": self.host, "error": frame.error, "info": frame.message,
+                                                  "cursor": self.last_seq})
+            if frame.error == "FutureCursor":
+                # the relay's sequence restarted below our cursor: start where a new relay starts
+                self.last_seq = self.config.start_cursor
+        elif isinstance(frame, UnknownEvent):
+            self._frames["unknown"].inc()
+            if frame.seq is not None and not self._stale(frame.seq):
+                self._advance(frame.seq, None)
+
+    def _stale(self, seq: int) -> bool:
+        if self.last_seq is not None and seq <= self.last_seq:
+            self._skipped.inc()
+            return True
+        return False
+
+    def _advance(self, seq: int, when: str | None) -> None:
+        self.last_seq = seq
+        self.writer.set_cursor_after(self.cursor_key, seq)
+        self._cursor_gauge.set(seq)
+        self._lag_every += 1
+        if when is not None and self._lag_every >= 100:
+            self._lag_every = 0
+            try:
+                lag = time.time() - datetime.fromisoformat(when).timestamp()
+            except ValueError:
+                return
+            self.metrics.lag.labels(host=self.host).set(max(lag, 0.0))
+
+    async def _resync(self, did: str, rev: str, reason: str) -> None:
+        self.metrics.resyncs.labels(host=self.host, reason=reason).inc()
+        request = BackfillRequest(did=did, host=self.host, rev=rev)
+        await self.writer.add(backfill_fields(request), stream=self.config.repo_stream)
+
+    def _fail(self, reason: str) -> None:
+        self.metrics.verify_failures.labels(host=self.host, reason=reason).inc()
+
+    async def _commit(self, ev: CommitEvent) -> None:
+        if ev.too_big:
+            await self._resync(ev.repo, ev.rev, "too-big")
+            return
+        if self.verify == "off":
+            result = process_commit(ev, signing_key=None, check_proof=False)
+            reasons = list(result.reasons)
+        else:
+            result, reasons = await self._verified(ev)
+        for reason in reasons:
+            self._fail(reason)
+        if reasons and self.verify == "strict":
+            self.metrics.dropped.labels(host=self.host).inc()
+            log.warning("commit dropped", extra={"host": self.host, "seq": ev.seq, "did": ev.repo,
+                                                 "reasons": reasons, "errors": result.errors[:3]})
+            self.writer.set_cursor_after(state_key(self.config.firehose_stream, ev.repo),
+                                         self.states.put(ev.repo, None))
+            await self._resync(ev.repo, ev.rev, "verification")
+            return
+        if reasons:
+            log.info("commit failed checks, passed on", extra={"host": self.host, "seq": ev.seq, "did": ev.repo,
+                                                               "reasons": reasons})
+            if not _DATA_LOSS.isdisjoint(reasons):
+                await self._resync(ev.repo, ev.rev, "incomplete")
+        if self.verify != "off":
+            data = result.data
+            value = self.states.put(ev.repo, RepoState(ev.rev, data.encode() if data is not None else ""))
+            self.writer.set_cursor_after(state_key(self.config.firehose_stream, ev.repo), value)
+        kept = [op for op in result.ops if self.filter(op.collection)]
+        if len(kept) != len(result.ops):
+            self._filtered.inc(len(result.ops) - len(kept))
+            result.ops = kept
+        for event in to_stream_events(result, ev):
+            await self.writer.add({"event": orjson.dumps(event)})
+            self._events[event["type"]].inc()
+
+    async def _verified(self, ev: CommitEvent) -> tuple[CommitResult, list[str]]:
+        key = await self.keys.signing_key(ev.repo)
+        result = process_commit(ev, signing_key=key, check_proof=True)
+        if result.signature is False:  # the key may have rotated since it was cached
+            self.keys.invalidate(ev.repo)
+            fresh = await self.keys.signing_key(ev.repo)
+            if fresh is not None and fresh != key:
+                result = process_commit(ev, signing_key=fresh, check_proof=True)
+        reasons = list(result.reasons)
+        if key is None:
+            reasons.append("key-unavailable")
+        state = await self.states.get(ev.repo)
+        if state is not None:
+            data = result.data
+            if ev.rev == state.rev and data is not None and data.encode() == state.data:
+                pass  # the same commit again (replayed after a stop mid-commit): at least once
+            elif ev.rev <= state.rev:
+                reasons.append("rev-not-newer")
+            elif ev.prev_data is not None and state.data and ev.prev_data.encode() != state.data:
+                reasons.append("prev-data-mismatch")
+        return result, reasons
+
+    async def _sync(self, ev: SyncEvent) -> None:
+        if self.verify != "off":
+            key = await self.keys.signing_key(ev.did)
+            res = process_sync(ev, signing_key=key)
+            reasons: list[str] = list(res.reasons) + ([] if key is not None else ["key-unavailable"])
+            for reason in reasons:
+                self._fail(reason)
+            if not reasons or self.verify == "lenient":
+                data: Any = res.commit.data if res.commit is not None else None
+                state = RepoState(ev.rev, data.encode() if data is not None else "")
+                self.writer.set_cursor_after(state_key(self.config.firehose_stream, ev.did),
+                                             self.states.put(ev.did, state))
+        await self._resync(ev.did, ev.rev, "sync")

@@ -1,0 +1,118 @@
+"""Per-repo chain state (last rev and MST root) and the verification policy of the firehose.
+
+The last seen ``rev`` and ``data`` (MST root CID) of each repo are kept in memory (bounded
+LRU) and persisted in Redis under ``<firehose stream>:repo:<did>`` as ``"<rev> <data cid>"``.
+The value is written by the stream writer in the same script call as the events and the
+cursor it covers, so after a restart Redis holds exactly the state of the last commit that
+reached the stream; a commit replayed from the cursor then finds the state before it.
+Signing keys come from the shared :class:`~psky.identity.IdentityResolver` cache; the parsed
+public keys are cached here too, since parsing a key costs more than a verification.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from psky.atproto.crypto import PublicKey, verifier_for
+from psky.identity import IdentityResolver, ResolutionError
+from psky.streams._redis import Backoff, command, is_transient, raw_client, text
+
+__all__ = ["KeyCache", "RepoState", "RepoStateStore", "state_key"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class RepoState:
+    rev: str
+    data: str  # MST root CID string ("" when unknown)
+
+    def encode(self) -> str:
+        return f"{self.rev} {self.data}"
+
+    @classmethod
+    def decode(cls, value: str) -> RepoState | None:
+        rev, _, data = value.partition(" ")
+        return cls(rev, data) if rev else None
+
+
+def state_key(firehose_stream: str, did: str) -> str:
+    return f"{firehose_stream}:repo:{did}"
+
+
+class RepoStateStore:
+    """Last known state per repo: memory first, Redis on a miss (one GET per new repo)."""
+
+    def __init__(self, redis: aioredis.Redis, firehose_stream: str, *, max_entries: int = 200_000) -> None:
+        self._raw = raw_client(redis)
+        self.stream = firehose_stream
+        self.max_entries = max_entries
+        self._cache: OrderedDict[str, RepoState | None] = OrderedDict()
+
+    async def get(self, did: str) -> RepoState | None:
+        if did in self._cache:
+            self._cache.move_to_end(did)
+            return self._cache[did]
+        backoff = Backoff(0.05, 5.0)
+        while True:
+            try:
+                value = await command(self._raw, "GET", state_key(self.stream, did))
+                break
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                log.warning("repo state read failed, retrying", extra={"did": did, "error": str(e)})
+                await backoff.sleep()
+        state = RepoState.decode(text(value)) if value is not None else None
+        self._remember(did, state)
+        return state
+
+    def put(self, did: str, state: RepoState | None) -> str:
+        """Remember *state* (None forgets the chain); returns the value to persist."""
+        self._remember(did, state)
+        return state.encode() if state is not None else ""
+
+    def _remember(self, did: str, state: RepoState | None) -> None:
+        self._cache[did] = state
+        self._cache.move_to_end(did)
+        if len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+
+
+class KeyCache:
+    """Signing keys: did:key strings from the resolver, parsed once into verifiers."""
+
+    def __init__(self, resolver: IdentityResolver, *, max_entries: int = 100_000) -> None:
+        self.resolver = resolver
+        self.max_entries = max_entries
+        self._parsed: OrderedDict[str, PublicKey] = OrderedDict()
+
+    def parse(self, did_key: str) -> PublicKey:
+        key = self._parsed.get(did_key)
+        if key is None:
+            key = verifier_for(did_key)
+            self._parsed[did_key] = key
+            if len(self._parsed) > self.max_entries:
+                self._parsed.popitem(last=False)
+        return key
+
+    async def signing_key(self, did: str) -> PublicKey | None:
+        """The repo signing key, or None when it cannot be resolved (logged by the caller)."""
+        try:
+            return self.parse(await self.resolver.signing_key(did))
+        except (ResolutionError, ValueError):
+            return None
+
+    async def label_key(self, did: str) -> PublicKey | None:
+        try:
+            doc = await self.resolver.resolve(did)
+            return self.parse(doc.labeler_key) if doc.labeler_key else None
+        except (ResolutionError, ValueError):
+            return None
+
+    def invalidate(self, did: str) -> None:
+        self.resolver.invalidate(did)
