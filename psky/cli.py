@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from psky import __version__
 from psky.errors import UserError
@@ -44,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--plc", metavar="URL", help="verify commit signatures with keys from this PLC directory")
     fr.add_argument("--key", metavar="DID_KEY", help="verify every commit against this one did:key")
     fr.set_defaults(func=_cmd_inspect_frames)
+    ing = sub.add_parser("ingester", help="run the ingester: relay firehoses, listRepos, labelers -> Redis streams")
+    ing.set_defaults(func=_cmd_ingester)
+
+    bf = sub.add_parser("backfiller", help="run the backfiller: repo_backfill -> getRepo -> firehose_backfill")
+    bf.set_defaults(func=_cmd_backfiller)
+
     mig = sub.add_parser("migrate", help="create or update the AppView schema in PostgreSQL")
     mig.add_argument("--database-url", help="default: DATABASE_URL / DB_POSTGRES_URL, else the embedded server")
     mig.set_defaults(func=_cmd_migrate)
@@ -71,6 +79,56 @@ def _parser() -> argparse.ArgumentParser:
     mf.add_argument("--control", metavar="URL")
     mf.set_defaults(func=_cmd_devnet_manifest)
     return p
+
+
+async def _serve_until_signalled(run: Callable[[Mapping[str, str], asyncio.Event], Awaitable[None]],
+                                 *, needs_postgres: bool = False) -> int:
+    """Run one service until SIGINT/SIGTERM, then let it drain.
+
+    Unset REDIS_URL / DATABASE_URL mean embedded servers (started here, or shared with other
+    psky processes using the same data directory)."""
+    from psky.services import ConfigError, resolve_database_url, resolve_redis_url, service_urls
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    env = dict(os.environ)
+    try:
+        have_redis = resolve_redis_url(env) is not None
+        have_pg = resolve_database_url(env) is not None or not needs_postgres
+    except ConfigError as e:
+        raise UserError(str(e), 2) from None
+    try:
+        if have_redis and have_pg:
+            await run(env, stop)
+        else:
+            async with service_urls(env) as (redis_url, database_url):
+                env.setdefault("REDIS_URL", redis_url)
+                if needs_postgres:
+                    env.setdefault("DATABASE_URL", database_url)
+                await run(env, stop)
+    except ConfigError as e:
+        raise UserError(str(e), 2) from None
+    return 0
+
+
+def _cmd_ingester(args: argparse.Namespace) -> int:
+    from psky.ingester import IngesterConfig, run_ingester
+
+    async def run(env: Mapping[str, str], stop: asyncio.Event) -> None:
+        await run_ingester(IngesterConfig.from_env(env), stop=stop)
+
+    return asyncio.run(_serve_until_signalled(run))
+
+
+def _cmd_backfiller(args: argparse.Namespace) -> int:
+    from psky.backfiller import BackfillerConfig, run_backfiller
+
+    async def run(env: Mapping[str, str], stop: asyncio.Event) -> None:
+        await run_backfiller(BackfillerConfig.from_env(env), stop=stop)
+
+    return asyncio.run(_serve_until_signalled(run))
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
