@@ -177,6 +177,8 @@ class DidDocument:
     labeler_endpoint: str | None = None
     keys: Mapping[str, str] = field(default_factory=dict, hash=False)
     services: Mapping[str, DidService] = field(default_factory=dict, hash=False)
+    #: the document as parsed (JSON object), for caches that store and re-parse it
+    raw: Mapping[str, Any] | None = field(default=None, hash=False, compare=False, repr=False)
 
     def service_endpoint(self, fragment: str, service_type: str) -> str | None:
         """Endpoint of service ``#fragment`` if it has the expected type (e.g. ``#bsky_fg``)."""
@@ -306,6 +308,7 @@ def parse_did_document(doc: Any, expected_did: str | None = None) -> DidDocument
         labeler_endpoint=_service_endpoint(services, ATPROTO_LABELER, LABELER_TYPE),
         keys=keys,
         services=services,
+        raw=doc,
     )
 
 

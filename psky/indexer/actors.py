@@ -1,0 +1,283 @@
+"""Actors: handles (DID document + bidirectional verification, contention, re-verification
+intervals, a DID-document cache shared through Redis), account status, account deletion.
+
+Network I/O happens before the batch's transaction (:meth:`Actors.resolve`); the
+transaction only writes what was resolved (:meth:`Actors.apply`, :meth:`Actors.apply_handles`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from psky.atproto.did import DidDocument, InvalidDidDocument, parse_did_document
+from psky.atproto.syntax import is_valid_handle
+from psky.identity import IdentityResolver, ResolutionError
+from psky.indexer.batch import Item
+from psky.indexer.plugins import PLUGINS
+from psky.streams.wire import AccountEvent, IdentityEvent, RecordEvent
+
+__all__ = ["Actors", "RedisDidCache", "unindex_actor"]
+
+log = logging.getLogger("psky.indexer")
+
+PROFILE = "app.bsky.actor.profile"
+REINDEX_AFTER = timedelta(days=1)
+REINDEX_INVALID_AFTER = timedelta(hours=1)
+DID_CACHE_TTL_S = 3600
+
+
+def _parse_time(value: str) -> datetime | None:
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def needs_reindex(indexed_at: str | None, handle: str | None, now: str) -> bool:
+    """The TypeScript rule: daily, hourly while the handle is invalid."""
+    if indexed_at is None:
+        return True
+    then, at = _parse_time(indexed_at), _parse_time(now)
+    if then is None or at is None:
+        return True
+    age = at - then
+    return age > REINDEX_AFTER or (handle is None and age > REINDEX_INVALID_AFTER)
+
+
+class RedisDidCache:
+    """DID documents shared by every indexer through Redis (``did_doc:<did>``, with expiry)."""
+
+    def __init__(self, redis: Any, ttl_s: int = DID_CACHE_TTL_S, prefix: str = "did_doc:") -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+
+    async def get(self, did: str) -> DidDocument | None:
+        try:
+            raw = await self.redis.get(self.prefix + did)
+        except Exception:  # the cache is an optimisation: Redis trouble must not stop indexing
+            return None
+        if raw is None:
+            return None
+        try:
+            return parse_did_document(orjson.loads(raw), expected_did=did)
+        except (orjson.JSONDecodeError, InvalidDidDocument):
+            return None
+
+    async def put(self, did: str, raw: Mapping[str, Any]) -> None:
+        try:
+            await self.redis.set(self.prefix + did, orjson.dumps(raw), ex=self.ttl_s)
+        except Exception:
+            return
+
+    async def drop(self, did: str) -> None:
+        try:
+            await self.redis.delete(self.prefix + did)
+        except Exception:
+            return
+
+
+class Actors:
+    """Handle indexing and account state for the indexer."""
+
+    def __init__(
+        self,
+        resolver: IdentityResolver | None,
+        *,
+        cache: RedisDidCache | None = None,
+        concurrency: int = 20,
+    ) -> None:
+        self.resolver = resolver
+        self.cache = cache
+        self._limit = asyncio.Semaphore(concurrency)
+        self.resolved = 0
+        self.failures = 0
+
+    # -- before the transaction
+
+    async def resolve(self, pool: asyncpg.Pool | asyncpg.Connection, items: Sequence[Item]) -> None:
+        """Decide which DIDs need their handle (re)indexed and resolve them concurrently."""
+        wanted: dict[str, tuple[Item, bool]] = {}
+        for item in items:
+            e = item.event
+            if isinstance(e, IdentityEvent):
+                wanted[e.did] = (item, True)
+            elif (isinstance(e, AccountEvent) and e.status != "deleted") or (
+                isinstance(e, RecordEvent) and e.collection == PROFILE and item.skipped is None
+            ):
+                wanted.setdefault(e.did, (item, False))
+        if not wanted:
+            return
+        rows = await pool.fetch(
+            'SELECT did, handle, "indexedAt" FROM actor WHERE did = ANY($1::text[])', sorted(wanted)
+        )
+        known = {r["did"]: (r["handle"], r["indexedAt"]) for r in rows}
+        todo = []
+        for did, (item, force) in wanted.items():
+            handle, indexed_at = known.get(did, (None, None))
+            if force or did not in known or needs_reindex(indexed_at, handle, item.event.time):
+                todo.append((did, item))
+        if todo:
+            await asyncio.gather(*(self._resolve_one(did, item) for did, item in todo))
+
+    async def _resolve_one(self, did: str, item: Item) -> None:
+        event = item.event
+        if self.resolver is None:
+            # resolution disabled: take the relay's word for identity events' handles
+            if isinstance(event, IdentityEvent):
+                handle = event.handle
+                item.handle = (
+                    handle.lower() if isinstance(handle, str) and is_valid_handle(handle) else None,
+                    True,
+                )
+            return
+        async with self._limit:
+            try:
+                if isinstance(event, IdentityEvent):
+                    self.resolver.invalidate(did)
+                    if self.cache is not None:
+                        await self.cache.drop(did)
+                doc = await self._document(did)
+                handle = doc.handle
+                verified: str | None = None
+                if handle and is_valid_handle(handle):
+                    claimed = await self.resolver.resolve_handle(handle)
+                    if claimed == did:
+                        verified = handle.lower()
+                item.handle = (verified, True)
+                self.resolved += 1
+            except ResolutionError as e:
+                self.failures += 1
+                log.info("handle resolution failed", extra={"did": did, "error": str(e)})
+                item.handle = (None, True)
+
+    async def _document(self, did: str) -> DidDocument:
+        assert self.resolver is not None
+        if self.cache is not None:
+            cached = await self.cache.get(did)
+            if cached is not None:
+                return cached
+        doc = await self.resolver.resolve(did)
+        if self.cache is not None and doc.raw is not None:
+            await self.cache.put(did, doc.raw)
+        return doc
+
+    # -- inside the transaction
+
+    async def apply(self, conn: asyncpg.Connection, item: Item) -> None:
+        """An account event (identity events only change handles: see apply_handles)."""
+        e = item.event
+        if not isinstance(e, AccountEvent):
+            return
+        if e.active:
+            status: str | None = None
+        elif e.status == "deleted":
+            await unindex_actor(conn, e.did)
+            return
+        else:
+            status = e.status or "deactivated"
+        await conn.execute(
+            'INSERT INTO actor (did, "indexedAt", "upstreamStatus") VALUES ($1, $2, $3)'
+            ' ON CONFLICT (did) DO UPDATE SET "upstreamStatus" = excluded."upstreamStatus"',
+            e.did,
+            e.time,
+            status,
+        )
+
+    async def apply_handles(self, conn: asyncpg.Connection, items: Sequence[Item]) -> None:
+        latest: dict[str, tuple[str | None, str]] = {}
+        deleted: set[str] = set()
+        for item in items:
+            e = item.event
+            if isinstance(e, AccountEvent) and e.status == "deleted" and not e.active:
+                deleted.add(e.did)
+                latest.pop(e.did, None)
+            elif item.handle is not None and item.handle[1]:
+                latest[e.did] = (item.handle[0], e.time)
+        for did in deleted:
+            latest.pop(did, None)
+        if not latest:
+            return
+        dids = sorted(latest)
+        # one handle per actor: the last claimant in this batch wins
+        by_handle: dict[str, str] = {}
+        for did in dids:
+            handle = latest[did][0]
+            if handle is not None:
+                prev = by_handle.get(handle)
+                if prev is not None:
+                    latest[prev] = (None, latest[prev][1])
+                by_handle[handle] = did
+        handles = [latest[d][0] for d in dids]
+        claimed = [(h, d) for d, h in zip(dids, handles, strict=True) if h is not None]
+        if claimed:
+            await conn.execute(
+                "UPDATE actor a SET handle = NULL FROM unnest($1::text[], $2::text[]) AS t(handle, did)"
+                " WHERE a.handle = t.handle AND a.did <> t.did",
+                [h for h, _ in claimed],
+                [d for _, d in claimed],
+            )
+        # release handles these actors are giving up before others take them
+        await conn.execute(
+            "UPDATE actor SET handle = NULL WHERE did = ANY($1::text[]) AND handle IS NOT NULL",
+            dids,
+        )
+        await conn.execute(
+            'INSERT INTO actor (did, handle, "indexedAt") SELECT * FROM unnest($1::text[], $2::text[], $3::text[])'
+            ' ON CONFLICT (did) DO UPDATE SET handle = excluded.handle, "indexedAt" = excluded."indexedAt"',
+            dids,
+            handles,
+            [latest[d][1] for d in dids],
+        )
+
+
+async def unindex_actor(conn: asyncpg.Connection, did: str) -> dict[str, int]:
+    """Remove everything a deleted account wrote (its rows, records, notifications, actor),
+    keeping the aggregates of other actors' subjects exact."""
+    counts: dict[str, int] = {}
+    deltas: dict[tuple[str, str, str], int] = defaultdict(int)
+    for plugin in PLUGINS.values():
+        if plugin.table is None:
+            continue
+        rows = await conn.fetch(f'DELETE FROM "{plugin.table}" WHERE creator = $1 RETURNING *', did)
+        counts[plugin.table] = len(rows)
+        for row in rows:
+            for key in plugin.agg_keys(row):
+                if key.key:
+                    deltas[(key.table, key.key, key.column)] -= 1
+        if rows and plugin.table == "post":
+            uris = [r["uri"] for r in rows]
+            for table in ("post_embed_image", "post_embed_external", "post_embed_record", "post_embed_video"):
+                await conn.execute(f'DELETE FROM {table} WHERE "postUri" = ANY($1::text[])', uris)
+            await conn.execute('DELETE FROM feed_item WHERE "postUri" = ANY($1::text[])', uris)
+            await conn.execute("DELETE FROM quote WHERE uri = ANY($1::text[])", uris)
+        if rows and plugin.table == "repost":
+            await conn.execute("DELETE FROM feed_item WHERE uri = ANY($1::text[])", [r["uri"] for r in rows])
+    await conn.execute('DELETE FROM feed_item WHERE "originatorDid" = $1', did)
+    await conn.execute("DELETE FROM notification WHERE author = $1 OR did = $1", did)
+    await conn.execute(
+        'DELETE FROM duplicate_record WHERE uri LIKE $1 OR "duplicateOf" LIKE $1', f"at://{did}/%"
+    )
+    await conn.execute("DELETE FROM record WHERE did = $1", did)
+    await conn.execute("DELETE FROM actor WHERE did = $1", did)
+    for (table, subject, column), delta in sorted(deltas.items()):
+        if table == "profile_agg" and subject == did:
+            continue
+        key_col = "uri" if table == "post_agg" else "did"
+        await conn.execute(
+            f'UPDATE {table} SET "{column}" = GREATEST(0, "{column}" + $2) WHERE "{key_col}" = $1',
+            subject,
+            delta,
+        )
+    await conn.execute("DELETE FROM profile_agg WHERE did = $1", did)
+    await conn.execute("DELETE FROM post_agg WHERE uri LIKE $1", f"at://{did}/%")
+    return counts

@@ -1,0 +1,238 @@
+"""The indexer's semantics, through real PostgreSQL: each record type's rows, updates,
+deletes, duplicates, aggregates and notifications, the rev guard, accounts and labels."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+import pytest
+
+from psky.atproto.lexicon import Lexicons
+from psky.indexer.actors import Actors
+from psky.indexer.batch import BatchResult, apply_batch, prepare_items
+from psky.streams.wire import AccountEvent, StreamEvent
+from tests.indexer_helpers import Events, cloned_database, follow, like, post, strong_ref, uri
+
+POST = "app.bsky.feed.post"
+LIKE = "app.bsky.feed.like"
+REPOST = "app.bsky.feed.repost"
+FOLLOW = "app.bsky.graph.follow"
+A, B, C = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb", "did:plc:cccccccccccccccccccccccc"
+
+LEXICONS = Lexicons.load()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    gen = cloned_database(database_url)
+    url = await gen.__anext__()
+    conn = await asyncpg.connect(url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+        with pytest.raises(StopAsyncIteration):
+            await gen.__anext__()
+
+
+async def index(conn: asyncpg.Connection, events: Sequence[StreamEvent], *, notify: bool = True,
+                batch: int | None = None) -> BatchResult:
+    result = BatchResult()
+    size = batch or len(events) or 1
+    for i in range(0, len(events), size):
+        chunk = events[i : i + size]
+        items = prepare_items([(e, notify) for e in chunk], LEXICONS)
+        r = await apply_batch(conn, items, lexicons=LEXICONS, actors=Actors(None))
+        for k, v in r.indexed.items():
+            result.indexed[k] += v
+        for k2, v2 in r.skipped.items():
+            result.skipped[k2] += v2
+        result.stale += r.stale
+    return result
+
+
+async def agg(conn: asyncpg.Connection, subject: str) -> dict[str, Any]:
+    row = await conn.fetchrow("SELECT * FROM post_agg WHERE uri = $1", subject)
+    return dict(row) if row else {}
+
+
+async def profile_agg(conn: asyncpg.Connection, did: str) -> dict[str, Any]:
+    row = await conn.fetchrow("SELECT * FROM profile_agg WHERE did = $1", did)
+    return dict(row) if row else {}
+
+
+async def test_posts_likes_reposts_follows_rows_and_counts(db: asyncpg.Connection) -> None:
+    ev = Events()
+    p = uri(A, POST, "3kpost1")
+    events = [
+        ev.create(A, POST, "3kpost1", post("first", langs=["en"], tags=["t1"])),
+        ev.create(B, LIKE, "3klike1", like(p)),
+        ev.create(C, LIKE, "3klike2", like(p)),
+        ev.create(B, REPOST, "3krep1", {"subject": strong_ref(p), "createdAt": "2026-01-01T00:00:00.000Z"}),
+        ev.create(B, FOLLOW, "3kfol1", follow(A)),
+        ev.create(C, FOLLOW, "3kfol2", follow(A)),
+    ]
+    await index(db, events)
+    row = await db.fetchrow("SELECT * FROM post WHERE uri = $1", p)
+    assert row["text"] == "first" and row["creator"] == A
+    assert await agg(db, p) == {"uri": p, "likeCount": 2, "replyCount": 0, "repostCount": 1, "quoteCount": 0,
+                                "bookmarkCount": 0}
+    assert (await profile_agg(db, A))["followersCount"] == 2
+    assert (await profile_agg(db, A))["postsCount"] == 1
+    assert (await profile_agg(db, B))["followsCount"] == 1
+    items = await db.fetch("SELECT type, uri, \"postUri\" FROM feed_item ORDER BY type")
+    assert [(r["type"], r["postUri"]) for r in items] == [("post", p), ("repost", p)]
+    notifs = await db.fetch("SELECT did, reason, author FROM notification ORDER BY id")
+    assert [(n["did"], n["reason"], n["author"]) for n in notifs] == [
+        (A, "like", B), (A, "like", C), (A, "repost", B), (A, "follow", B), (A, "follow", C)
+    ]
+    assert await db.fetchval("SELECT count(*) FROM record") == 6
+
+
+async def test_delete_update_and_rev_guard(db: asyncpg.Connection) -> None:
+    ev = Events()
+    p = uri(A, POST, "3kpost1")
+    create = ev.create(A, POST, "3kpost1", post("v1"))
+    await index(db, [create, ev.create(B, LIKE, "3klike1", like(p))])
+    await index(db, [ev.create(A, POST, "3kpost1", post("v2"), update=True)])
+    assert await db.fetchval("SELECT text FROM post WHERE uri = $1", p) == "v2"
+    delete = ev.delete(B, LIKE, "3klike1")
+    await index(db, [delete])
+    assert (await agg(db, p))["likeCount"] == 0
+    assert await db.fetchval("SELECT count(*) FROM notification WHERE reason = 'like'") == 0
+    rec = await db.fetchrow("SELECT json, cid, rev FROM record WHERE uri = $1", uri(B, LIKE, "3klike1"))
+    assert rec["json"] == "" and rec["cid"] == "" and rec["rev"] == delete.rev
+    # a replayed (older) create after the delete is refused by the tombstone
+    stale = ev.create(B, LIKE, "3klike1", like(p))
+    stale.rev = "3l00000000000"
+    result = await index(db, [stale])
+    assert result.stale == 1
+    assert await db.fetchval('SELECT count(*) FROM "like"') == 0
+    # a delete before the create (out of order across consumers) also wins
+    late_create = ev.create(C, LIKE, "3klike9", like(p))
+    early_delete = ev.delete(C, LIKE, "3klike9")
+    await index(db, [early_delete])
+    await index(db, [late_create])
+    assert await db.fetchval('SELECT count(*) FROM "like"') == 0
+
+
+async def test_duplicates_and_promotion(db: asyncpg.Connection) -> None:
+    ev = Events()
+    p = uri(A, POST, "3kpost1")
+    await index(db, [ev.create(A, POST, "3kpost1", post())])
+    first = ev.create(B, LIKE, "3klike1", like(p))
+    second = ev.create(B, LIKE, "3klike2", like(p))
+    await index(db, [first, second])
+    assert await db.fetchval('SELECT uri FROM "like"') == first.uri
+    dup = await db.fetchrow("SELECT * FROM duplicate_record")
+    assert dup["uri"] == second.uri and dup["duplicateOf"] == first.uri
+    assert (await agg(db, p))["likeCount"] == 1
+    await index(db, [ev.delete(B, LIKE, "3klike1")])
+    assert await db.fetchval('SELECT uri FROM "like"') == second.uri
+    assert (await agg(db, p))["likeCount"] == 1
+
+
+async def test_invalid_and_unknown_records_are_skipped(db: asyncpg.Connection) -> None:
+    ev = Events()
+    bad = ev.create(A, POST, "3kpost1", {"text": 5, "createdAt": "x"})
+    unknown = ev.create(A, "com.example.thing", "3kx", {"a": 1})
+    result = await index(db, [bad, unknown, ev.create(A, POST, "3kpost2", post())])
+    assert dict(result.skipped) == {"invalid_record": 1, "unknown_collection": 1}
+    assert await db.fetchval("SELECT count(*) FROM post") == 1
+
+
+async def test_replies_threadgates_and_counts(db: asyncpg.Connection) -> None:
+    ev = Events()
+    root = uri(A, POST, "3kroot")
+    reply = {"root": strong_ref(root), "parent": strong_ref(root)}
+    events = [
+        ev.create(A, POST, "3kroot", post("root")),
+        ev.create(B, POST, "3kr1", post("reply", reply=reply)),
+        ev.create(A, "app.bsky.feed.threadgate", "3kroot",
+                  {"post": root, "allow": [], "createdAt": "2026-01-01T00:00:00.000Z"}),
+        ev.create(C, POST, "3kr2", post("gated", reply=reply)),
+        ev.create(A, POST, "3kr3", post("own reply", reply=reply)),
+        ev.create(B, POST, "3kbad", post("bad root", reply={"root": strong_ref(uri(A, POST, "3knope")),
+                                                           "parent": strong_ref(root)})),
+    ]
+    await index(db, events)
+    rows = {r["uri"]: r for r in await db.fetch("SELECT * FROM post")}
+    assert rows[uri(B, POST, "3kr1")]["violatesThreadGate"] is None
+    assert rows[uri(C, POST, "3kr2")]["violatesThreadGate"] is True
+    assert rows[uri(A, POST, "3kr3")]["violatesThreadGate"] is None
+    assert rows[uri(B, POST, "3kbad")]["invalidReplyRoot"] is True
+    assert rows[root]["hasThreadGate"] is True
+    assert (await agg(db, root))["replyCount"] == 3  # the gated reply is not counted
+    reasons = {(n["did"], n["author"], n["reason"]) for n in await db.fetch("SELECT * FROM notification")}
+    assert (A, B, "reply") in reasons and (A, C, "reply") not in reasons
+
+
+async def test_quotes_embeds_and_postgates(db: asyncpg.Connection) -> None:
+    ev = Events()
+    target = uri(A, POST, "3ktarget")
+    closed = uri(A, POST, "3kclosed")
+    embed = {"$type": "app.bsky.embed.record", "record": strong_ref(target)}
+    images = {"$type": "app.bsky.embed.images", "images": [
+        {"alt": "a", "image": {"$type": "blob", "ref": {"$link": "bafkreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"},
+                               "mimeType": "image/png", "size": 10}}]}
+    await index(db, [
+        ev.create(A, POST, "3ktarget", post()),
+        ev.create(A, POST, "3kclosed", post()),
+        ev.create(A, "app.bsky.feed.postgate", "3kclosed", {
+            "post": closed, "createdAt": "2026-01-01T00:00:00.000Z",
+            "embeddingRules": [{"$type": "app.bsky.feed.postgate#disableRule"}]}),
+    ])
+    await index(db, [
+        ev.create(B, POST, "3kq1", post("quote", embed=embed)),
+        ev.create(C, POST, "3kq2", post("quote", embed={"$type": "app.bsky.embed.recordWithMedia",
+                                                         "record": {"record": strong_ref(target)}, "media": images})),
+        ev.create(B, POST, "3kq3", post("quote closed", embed={"$type": "app.bsky.embed.record",
+                                                               "record": strong_ref(closed)})),
+    ])
+    assert (await agg(db, target))["quoteCount"] == 2
+    assert await db.fetchval('SELECT count(*) FROM post_embed_image') == 1
+    assert await db.fetchval('SELECT count(*) FROM post_embed_record') == 3
+    assert await db.fetchval('SELECT "violatesEmbeddingRules" FROM post WHERE uri = $1', uri(B, POST, "3kq3")) is True
+    quotes = {(n["did"], n["author"]) for n in await db.fetch("SELECT * FROM notification WHERE reason = 'quote'")}
+    assert quotes == {(A, B), (A, C)}
+    await index(db, [ev.delete(B, POST, "3kq1")])
+    assert (await agg(db, target))["quoteCount"] == 1
+    assert await db.fetchval('SELECT count(*) FROM post_embed_record') == 2
+
+
+async def test_backfill_events_make_no_notifications(db: asyncpg.Connection) -> None:
+    ev = Events()
+    p = uri(A, POST, "3kpost1")
+    await index(db, [ev.create(A, POST, "3kpost1", post(), backfill=True),
+                     ev.create(B, LIKE, "3kl", like(p), backfill=True)], notify=False)
+    assert await db.fetchval("SELECT count(*) FROM notification") == 0
+    assert (await agg(db, p))["likeCount"] == 1
+
+
+async def test_account_deleted_unindexes_everything(db: asyncpg.Connection) -> None:
+    ev = Events()
+    p = uri(A, POST, "3kpost1")
+    await index(db, [
+        ev.create(A, POST, "3kpost1", post()),
+        ev.create(B, POST, "3kpost2", post()),
+        ev.create(B, LIKE, "3kl1", like(p)),
+        ev.create(C, LIKE, "3kl2", like(uri(B, POST, "3kpost2"))),
+        ev.create(B, FOLLOW, "3kf", follow(A)),
+    ])
+    deleted = AccountEvent(seq=99, time="2026-01-02T00:00:00.000Z", did=B, active=False, status="deleted")
+    await index(db, [deleted])
+    assert await db.fetchval("SELECT count(*) FROM record WHERE did = $1", B) == 0
+    assert await db.fetchval('SELECT count(*) FROM "like" WHERE creator = $1', B) == 0
+    assert (await agg(db, p))["likeCount"] == 0
+    assert (await profile_agg(db, A))["followersCount"] == 0
+    assert await db.fetchval("SELECT count(*) FROM post WHERE creator = $1", B) == 0
+    assert await db.fetchval('SELECT count(*) FROM "like" WHERE creator = $1', C) == 1
+
+
+async def test_account_status_sets_upstream_status(db: asyncpg.Connection) -> None:
+    await index(db, [AccountEvent(seq=1, time="2026-01-02T00:00:00.000Z", did=A, active=False, status="takendown")])
+    assert await db.fetchval('SELECT "upstreamStatus" FROM actor WHERE did = $1', A) == "takendown"
+    await index(db, [AccountEvent(seq=2, time="2026-01-02T00:00:01.000Z", did=A, active=True)])
+    assert await db.fetchval('SELECT "upstreamStatus" FROM actor WHERE did = $1', A) is None
