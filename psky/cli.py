@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from psky import __version__
 from psky.errors import UserError
+from psky.ops import cli_ops
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     bf = sub.add_parser("backfiller", help="run the backfiller: repo_backfill -> getRepo -> firehose_backfill")
     bf.set_defaults(func=_cmd_backfiller)
 
+    idx = sub.add_parser("indexer", help="run an indexer: firehose_live/firehose_backfill/label_live -> PostgreSQL")
+    idx.set_defaults(func=_cmd_indexer)
+
     mig = sub.add_parser("migrate", help="create or update the AppView schema in PostgreSQL")
     mig.add_argument("--database-url", help="default: DATABASE_URL / DB_POSTGRES_URL, else the embedded server")
     mig.set_defaults(func=_cmd_migrate)
@@ -78,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     mf.add_argument("-o", "--output", metavar="PATH")
     mf.add_argument("--control", metavar="URL")
     mf.set_defaults(func=_cmd_devnet_manifest)
+    cli_ops.register(sub)
     return p
 
 
@@ -129,6 +134,15 @@ def _cmd_backfiller(args: argparse.Namespace) -> int:
         await run_backfiller(BackfillerConfig.from_env(env), stop=stop)
 
     return asyncio.run(_serve_until_signalled(run))
+
+
+def _cmd_indexer(args: argparse.Namespace) -> int:
+    from psky.indexer import IndexerConfig, run_indexer
+
+    async def run(env: Mapping[str, str], stop: asyncio.Event) -> None:
+        await run_indexer(IndexerConfig.from_env(env), stop=stop)
+
+    return asyncio.run(_serve_until_signalled(run, needs_postgres=True))
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
