@@ -84,7 +84,7 @@ class Events:
     def create(self, did: str, collection: str, rkey: str, record: dict[str, Any], *,
                backfill: bool = False, update: bool = False) -> RecordEvent:
         record = {"$type": collection, **record}
-        cid = str(cid_for_cbor(encode_lex(record)))
+        cid = cid_for_cbor(encode_lex(record)).encode()
         return RecordEvent(type="update" if update else "create", collection=collection, rkey=rkey, cid=cid,
                            record=record, **self._common(did, backfill))
 

@@ -5,8 +5,9 @@ reads or writes what another one in the same wave writes (its record URI, its du
 the posts and gates a reply reads, ...). Inside a wave order does not matter, so every step is
 one statement per table for the whole wave:
 
-1. ``record`` upsert with the rev guard (an older rev never overwrites a newer one; a delete
-   leaves a tombstone, so a stale create arriving later is refused too);
+1. ``record`` upsert with the rev guard (an older rev never overwrites a newer one, and the
+   same rev and CID again is a no-op, so redeliveries change nothing; a delete leaves a
+   tombstone, so a stale create arriving later is refused too);
 2. rows of deleted and updated records removed (``DELETE … RETURNING``), their side tables,
    duplicates promoted when the original is deleted;
 3. new rows inserted (``INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING``) in
@@ -24,6 +25,7 @@ run as waves of their own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -219,6 +221,9 @@ class _Wave:
     actor: bool = False  # account/identity events: applied alone
 
 
+_POST_TREE = "post-tree"
+
+
 def _dup_key_name(plugin: Plugin, key: tuple[str, ...] | None) -> str | None:
     return None if key is None else f"dup:{plugin.table}:" + "\x1f".join(key)
 
@@ -241,8 +246,12 @@ def _keys(item: Item, gated_roots: set[str]) -> tuple[set[str], set[str], bool]:
     prior = _dup_key_name(plugin, item.prior_key) if plugin.unique else None
     if prior:
         writes.add(prior)
-    if op.kind != "create" and op.collection == POST:
-        writes.update((f"quote:{op.uri}", f"feed:{op.uri}"))
+    if op.collection == POST:
+        if op.kind != "create":
+            # a removed post changes the reply chains that reply notifications walk
+            writes.update((f"quote:{op.uri}", f"feed:{op.uri}", _POST_TREE))
+        if op.notify and op.record is not None and "reply" in op.record:
+            reads.add(_POST_TREE)
     if op.collection == "app.bsky.feed.repost" and op.record is not None:
         subject = op.record.get("subject")
         if isinstance(subject, dict) and type(subject.get("uri")) is str:
@@ -279,8 +288,9 @@ def _plan(items: list[Item], gated_roots: set[str]) -> list[_Wave]:
 
 
 async def _read_prior_keys(conn: asyncpg.Connection, items: list[Item]) -> None:
-    """Duplicate keys of the rows that deletes and updates will remove (for planning)."""
-    by_plugin: dict[str, list[Item]] = defaultdict(list)
+    """Duplicate key of the version each delete or update replaces (for planning): the
+    latest one written earlier in this batch, else the row in the database."""
+    by_plugin: dict[str, list[str]] = defaultdict(list)
     for item in items:
         if (
             item.op is not None
@@ -288,26 +298,19 @@ async def _read_prior_keys(conn: asyncpg.Connection, items: list[Item]) -> None:
             and item.plugin.unique
             and item.op.kind != "create"
         ):
-            by_plugin[item.op.collection].append(item)
-    for collection, group in by_plugin.items():
+            by_plugin[item.op.collection].append(item.op.uri)
+    in_db: dict[str, tuple[str, ...]] = {}
+    for collection, uris in by_plugin.items():
         plugin = PLUGINS[collection]
         cols = ", ".join(f'"{c}"' for c in plugin.unique)
-        rows = await conn.fetch(
-            f'SELECT uri, {cols} FROM "{plugin.table}" WHERE uri = ANY($1::text[])',
-            [i.op.uri for i in group if i.op],
-        )
-        found = {r["uri"]: tuple(str(r[c]) for c in plugin.unique) for r in rows}
-        for item in group:
-            assert item.op is not None
-            item.prior_key = found.get(item.op.uri)
-    # a delete of a record created earlier in the same batch frees that create's key
+        rows = await conn.fetch(f'SELECT uri, {cols} FROM "{plugin.table}" WHERE uri = ANY($1::text[])', uris)
+        in_db.update((r["uri"], tuple(str(r[c]) for c in plugin.unique)) for r in rows)
     latest: dict[str, tuple[str, ...] | None] = {}
     for item in items:
         op, owner = item.op, item.plugin
         if op is None or owner is None or not owner.unique:
             continue
-        if op.kind != "create" and item.prior_key is None:
-            item.prior_key = latest.get(op.uri)
+        item.prior_key = latest[op.uri] if op.uri in latest else in_db.get(op.uri)
         latest[op.uri] = owner.dup_key(op.did, op.record) if op.record is not None else None
 
 
@@ -341,14 +344,16 @@ _UPSERT_RECORDS = (
     'INSERT INTO record (uri, cid, did, json, rev, "indexedAt")'
     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
     " ON CONFLICT (uri) DO UPDATE SET rev = excluded.rev, cid = excluded.cid, json = excluded.json,"
-    ' "indexedAt" = excluded."indexedAt" WHERE record.rev <= excluded.rev RETURNING uri'
+    ' "indexedAt" = excluded."indexedAt"'
+    " WHERE record.rev < excluded.rev OR (record.rev = excluded.rev AND record.cid <> excluded.cid)"
+    " RETURNING uri, xmax <> 0 AS existed"
 )
 _TOMBSTONES = (
     'INSERT INTO record (uri, cid, did, json, rev, "indexedAt")'
     " SELECT t.uri, '', t.did, '', t.rev, t.at FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
     " AS t(uri, did, rev, at)"
     " ON CONFLICT (uri) DO UPDATE SET rev = excluded.rev, cid = '', json = ''"
-    " WHERE record.rev <= excluded.rev RETURNING uri"
+    " WHERE record.rev < excluded.rev OR (record.rev = excluded.rev AND record.json <> '') RETURNING uri"
 )
 
 
@@ -356,13 +361,37 @@ def _record_json(record: dict[str, Any]) -> str:
     return orjson.dumps(record).decode()
 
 
+def _lock_id(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+async def _lock_duplicate_keys(conn: asyncpg.Connection, wave: _Wave) -> set[int]:
+    """Serialize transactions on the duplicate keys this wave touches: without this, a
+    duplicate filed by one consumer while another deletes the original would never be
+    promoted (each would miss the other's uncommitted row)."""
+    ids: set[int] = set()
+    for item in wave.items:
+        plugin, op = item.plugin, item.op
+        if plugin is None or op is None or not plugin.unique:
+            continue
+        for key in (item.prior_key, plugin.dup_key(op.did, op.record) if op.record is not None else None):
+            name = _dup_key_name(plugin, key)
+            if name:
+                ids.add(_lock_id(name))
+    if ids:
+        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", sorted(ids))
+    return ids
+
+
 async def _run_wave(
     conn: asyncpg.Connection, wave: _Wave, result: BatchResult, lexicons: Lexicons | None
 ) -> None:
+    locked = await _lock_duplicate_keys(conn, wave)
     ops = [item.op for item in wave.items if item.op is not None]
     writes = sorted((op for op in ops if op.record is not None), key=lambda o: o.uri)
     deletes = sorted((op for op in ops if op.record is None), key=lambda o: o.uri)
     applied: set[str] = set()
+    replacing: set[str] = set()
     if writes:
         rows = await conn.fetch(
             _UPSERT_RECORDS,
@@ -371,6 +400,9 @@ async def _run_wave(
             [o.rev for o in writes], [o.indexed_at for o in writes],
         )  # fmt: skip
         applied.update(r["uri"] for r in rows)
+        # a create over an older version (its delete not indexed yet, e.g. handled by another
+        # consumer later) replaces that version like an update does
+        replacing = {r["uri"] for r in rows if r["existed"]}
     if deletes:
         rows = await conn.fetch(
             _TOMBSTONES,
@@ -379,6 +411,9 @@ async def _run_wave(
         )  # fmt: skip
         applied.update(r["uri"] for r in rows)
     live = [op for op in ops if op.uri in applied]
+    for op in live:
+        if op.kind == "create" and op.uri in replacing:
+            op.kind = "update"
     result.stale += len(ops) - len(live)
     ctx = WaveContext(conn, {op.uri: op for op in live})
     deleted_uris = [op.uri for op in live if op.kind == "delete"]
@@ -401,12 +436,29 @@ async def _run_wave(
         gone = {r["uri"]: r for r in rows}
         replacements: set[str] = set()
         if plugin.unique:
-            freed = [r["uri"] for r in rows if by_uri[r["uri"]].kind == "delete"]
+            # the key a deleted row held, or an updated row gave up, goes to the earliest
+            # duplicate (the TypeScript indexer promotes on delete only, leaving a live
+            # record unindexed when the original changes subject)
+            freed = [r["uri"] for r in rows if _frees_key(plugin, r, by_uri[r["uri"]])]
+            # the key actually freed may differ from the one planned (another consumer
+            # changed the row since): lock it before looking for its duplicates
+            extra = {_lock_id(f"dup:{plugin.table}:" + "\x1f".join(plugin.row_key(r) or ())) for r in rows}
+            extra -= locked
+            if extra:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", sorted(extra)
+                )
+                locked |= extra
             if freed:
                 for p in await _promotions(conn, plugin, freed, by_uri, lexicons):
                     promoted.append(p)
                     if p.replaces:
                         replacements.add(p.replaces)
+                if promoted:
+                    await conn.execute(
+                        "DELETE FROM duplicate_record WHERE uri = ANY($1::text[])",
+                        sorted(p.uri for p in promoted),
+                    )
         for row in rows:
             _agg(ctx, plugin, row, -1)
             op = by_uri[row["uri"]]
@@ -464,6 +516,12 @@ async def _run_wave(
     # 4. notifications, aggregates
     result.notifications += await _write_notifications(ctx)
     await _write_aggregates(ctx)
+
+
+def _frees_key(plugin: Plugin, row: Mapping[str, Any], op: RecordOp) -> bool:
+    if op.kind == "delete" or op.record is None:
+        return True
+    return plugin.row_key(row) != plugin.dup_key(op.did, op.record)
 
 
 def _agg(ctx: WaveContext, plugin: Plugin, row: Mapping[str, Any], sign: int) -> None:
