@@ -9,6 +9,7 @@ and accept the TypeScript services' names as aliases (`REDIS_HOST`, `DB_POSTGRES
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -17,6 +18,8 @@ from psky.services import ConfigError
 __all__ = ["ConfigError", "env_bool", "env_float", "env_int", "env_list", "env_str", "lookup"]
 
 Env = Mapping[str, str]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def lookup(names: str | Sequence[str], env: Env | None = None) -> tuple[str, str] | None:
@@ -42,7 +45,7 @@ def env_str(names: str | Sequence[str], default: str | None = None, env: Env | N
         return default
     name, value = found
     if choices is not None and value.lower() not in choices:
-        raise ConfigError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}; got {value!r:.100}")
     return value.lower() if choices is not None else value
 
 
@@ -55,7 +58,9 @@ def env_int(names: str | Sequence[str], default: int, env: Env | None = None,
     try:
         number = int(value.replace("_", ""))
     except ValueError:
-        raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        raise ConfigError(f"{name}: expected an integer, got {value!r:.100}") from None
+    if not _INT64_MIN <= number <= _INT64_MAX:  # Redis, PostgreSQL and timers take 64 bits at most
+        raise ConfigError(f"{name}: integer out of range, got {value!r:.100}")
     if minimum is not None and number < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {number}")
     if maximum is not None and number > maximum:
@@ -72,9 +77,11 @@ def env_float(names: str | Sequence[str], default: float, env: Env | None = None
     try:
         number = float(value)
     except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if number != number or (minimum is not None and number < minimum):
-        raise ConfigError(f"{name}: must be a number of at least {minimum}, got {value!r}")
+        raise ConfigError(f"{name}: expected a number, got {value!r:.100}") from None
+    if not math.isfinite(number):  # "nan", "inf", "1e999": no timeout or rate means that
+        raise ConfigError(f"{name}: must be a finite number, got {value!r:.100}")
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{name}: must be a number of at least {minimum}, got {value!r:.100}")
     return number
 
 
@@ -91,7 +98,7 @@ def env_bool(names: str | Sequence[str], default: bool, env: Env | None = None) 
         return True
     if value.lower() in _FALSE:
         return False
-    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    raise ConfigError(f"{name}: expected true or false, got {value!r:.100}")
 
 
 def env_list(names: str | Sequence[str], default: Sequence[str] = (), env: Env | None = None) -> list[str]:

@@ -64,11 +64,45 @@ def decode_lex(data: bytes) -> Any:
     """Strictly decode DAG-CBOR straight into lex JSON form (fast path for records).
 
     CID links come out as ``{"$link": str}`` without a structural check of the CID (the C
-    decoder does the base32 itself); lexicon validation checks ``cid-link`` fields."""
+    decoder does the base32 itself); lexicon validation checks ``cid-link`` fields. Values
+    nested deeper than :data:`MAX_DEPTH` or integers outside 64 bits are refused here: they
+    are valid DAG-CBOR, but JSON encoders (the Redis wire format) cannot carry them, so a
+    record holding one would otherwise fail later, where it cannot be skipped cleanly."""
     try:
-        return cbrrr.decode_dag_cbor(data, atjson_mode=True)
+        value: Any = cbrrr.decode_dag_cbor(data, atjson_mode=True)
     except (cbrrr.CbrrrDecodeError, ValueError, TypeError, EOFError, OverflowError) as e:
         raise DecodeError(f"invalid DAG-CBOR: {e}") from None
+    # nesting that deep needs more than MAX_DEPTH array/map heads (bytes 0x80-0xbf), and an
+    # integer beyond 64 bits an 8-byte head (0x1b, 0x3b): byte scans in C let most records
+    # skip the walk
+    if type(value) in (dict, list) and (
+        b"\x1b" in data
+        or b"\x3b" in data
+        or (len(data) > MAX_DEPTH and len(bytes(data).translate(None, _NOT_CONTAINER_HEAD)) > MAX_DEPTH)
+    ):
+        _check_lex_bounds(value)
+    return value
+
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_NOT_CONTAINER_HEAD = bytes(b for b in range(256) if not 0x80 <= b <= 0xBF)
+
+
+def _check_lex_bounds(value: dict[str, Any] | list[Any]) -> None:
+    """Iteratively: containers nested at most MAX_DEPTH deep, integers within signed 64 bits."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        v, depth = pop()
+        if depth > MAX_DEPTH:
+            raise DecodeError(f"value nested deeper than {MAX_DEPTH}")
+        for x in v.values() if type(v) is dict else v:
+            t = type(x)
+            if t is dict or t is list:
+                push((x, depth + 1))
+            elif t is int and not _INT64_MIN <= x <= _INT64_MAX:
+                raise DecodeError("integer outside the signed 64-bit range")
 
 
 def decode_prefix(data: bytes | memoryview, *, lex: bool = False) -> tuple[Any, int]:

@@ -217,10 +217,10 @@ class K256PublicKey(PublicKey):
 
     def verify(self, data: bytes, sig: bytes, *, allow_high_s: bool = False) -> bool:
         if type(sig) is not bytes:
-            try:
-                sig = bytes(sig)
-            except (TypeError, ValueError):
+            # only byte strings: bytes(n) of an integer would allocate n bytes (or overflow)
+            if not isinstance(sig, (bytearray, memoryview)):
                 return False
+            sig = bytes(sig)
         if len(sig) != 64:
             return False
         try:

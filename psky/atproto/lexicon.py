@@ -52,7 +52,8 @@ class ValidationError(ValueError):
     def __str__(self) -> str:
         if not self._rpath:
             return self.message
-        return "/".join(reversed(self._rpath)) + ": " + self.message
+        # keys come from the record: a 100 kB key must not make a 100 kB log line
+        return "/".join(p if len(p) <= 64 else p[:60] + "..." for p in reversed(self._rpath)) + ": " + self.message
 
 
 class UnknownLexicon(ValidationError):
@@ -203,6 +204,14 @@ def _utf8_len(s: str) -> int:
 
 def _fail(message: str) -> ValidationError:
     return ValidationError(message)
+
+
+def _brief(value: object) -> str:
+    """A short repr for messages: repr() of a hostile value can be huge or recurse too deep."""
+    if value is None or type(value) in (str, int, bool):
+        text = repr(value[:120] if type(value) is str else value)
+        return text if len(text) <= 130 else text[:120] + "..."
+    return f"a {type(value).__name__}"
 
 
 # base32 CIDv1 of a sha2-256 digest with the dag-cbor or raw codec: "b" + 58 characters, whose
@@ -448,12 +457,12 @@ class Lexicons:
         (:class:`UnknownLexicon` if no record schema for *collection* is loaded)."""
         entry = self._records.get(collection)
         if entry is None:
-            raise UnknownLexicon(f"no record lexicon loaded for {collection!r:.120}")
+            raise UnknownLexicon(f"no record lexicon loaded for {_brief(collection)}")
         if type(value) is not dict:
             raise ValidationError("Record must be an object")
         t = value.get("$type")
         if t != collection:
-            err = ValidationError(f"must be {collection!r}, got {t!r:.120}")
+            err = ValidationError(f"must be {collection!r}, got {_brief(t)}")
             err._rpath += ["$type", "Record"]
             raise err
         if rkey is not None:
@@ -781,7 +790,7 @@ def _check_rkey(key_type: str, rkey: str) -> None:
     else:
         ok = syntax.is_valid_record_key(rkey)
     if not ok:
-        raise ValidationError(f"record key {rkey!r:.120} does not match key type {key_type!r}")
+        raise ValidationError(f"record key {_brief(rkey)} does not match key type {key_type!r}")
 
 
 # --- schema documents -------------------------------------------------------------------

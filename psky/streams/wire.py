@@ -384,15 +384,16 @@ def _checked(obj: dict[str, Any], key: str, check: Callable[[object], bool], wha
 
 
 def _text(value: object) -> bool:
-    return type(value) is str and 0 < len(value) <= _MAX_TEXT
+    # no NUL: PostgreSQL text cannot store it, so such an entry could never be indexed
+    return type(value) is str and 0 < len(value) <= _MAX_TEXT and "\x00" not in value
 
 
 def _opt_text(obj: dict[str, Any], key: str) -> str | None:
     value = obj.get(key)
     if value is None:
         return None
-    if type(value) is not str or len(value) > _MAX_TEXT:
-        raise MalformedMessage(f"bad_{key}", f"{obj.get('type', 'entry')}: {key} must be a string")
+    if type(value) is not str or len(value) > _MAX_TEXT or "\x00" in value:
+        raise MalformedMessage(f"bad_{key}", f"{obj.get('type', 'entry')}: {key} must be a string without NUL")
     return value
 
 
@@ -514,12 +515,16 @@ def _account_event(obj: dict[str, Any]) -> AccountEvent:
 
 def _identity_event(obj: dict[str, Any]) -> IdentityEvent:
     # The handle is only a hint (the indexer verifies it against the DID document), so any
-    # string is carried through rather than rejecting the identity update.
+    # string is carried through rather than rejecting the identity update; one that could
+    # not be stored (too long, NUL) reads as absent.
+    handle = obj.get("handle")
+    if type(handle) is str and (len(handle) > _MAX_TEXT or "\x00" in handle):
+        handle = None
     return IdentityEvent(
         seq=_seq(obj),
         time=_time(obj),
         did=_checked(obj, "did", is_valid_did, "a DID"),
-        handle=_opt_text(obj, "handle"),
+        handle=None if handle is None else _opt_text(obj, "handle"),
     )
 
 
@@ -566,8 +571,8 @@ def parse_backfill_request(fields: EntryFields) -> BackfillRequest:
     rev = obj.get("rev")
     if rev is None:
         rev = ""
-    elif type(rev) is not str or len(rev) > _MAX_TEXT:
-        raise MalformedMessage("bad_rev", "repo: rev must be a string")
+    elif type(rev) is not str or len(rev) > _MAX_TEXT or "\x00" in rev:
+        raise MalformedMessage("bad_rev", "repo: rev must be a string without NUL")
     active = obj.get("active")
     if active is not None and type(active) is not bool:
         raise MalformedMessage("bad_active", f"repo: active must be a boolean: {active!r:.40}")
