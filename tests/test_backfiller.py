@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
+import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -25,6 +31,7 @@ from psky.backfiller.hosts import (
     parse_retry_after,
 )
 from psky.config import ConfigError
+from psky.devnet.faults import Faults
 from psky.devnet.network import Devnet
 from psky.devnet.workload import derived_key
 from psky.streams import (
@@ -61,6 +68,7 @@ def test_config_defaults_and_seed_variables() -> None:
     assert (c.retry_initial_backoff_ms, c.retry_max_backoff_ms, c.metrics_port) == (1000, 30_000, 9090)
     assert c.plc_url == "https://plc.directory" and c.allow_hosts == ()
     assert c.claim_idle_ms > c.retry_max_backoff_ms
+    assert (c.progress_interval_s, c.host_backlog) == (10.0, 0)
     c = BackfillerConfig.from_env(
         {
             "REDIS_HOST": "redis:6380", "BACKFILLER_CONSUMER": "b2", "BACKFILLER_CONCURRENCY": "5",
@@ -81,6 +89,10 @@ def test_config_defaults_and_seed_variables() -> None:
     assert (c.metrics_port, c.group, c.backfill_stream, c.firehose_stream) == (9191, "g", "in", "out")
     assert c.plc_url == "http://plc:2582" and c.high_water_mark == 1000
     assert c.allow_hosts == ("127.0.0.1", "10.0.0.0/8")
+    c = BackfillerConfig.from_env(
+        {**env, "BACKFILLER_PROGRESS_INTERVAL_SECS": "2.5", "BACKFILLER_HOST_BACKLOG": "40"}
+    )
+    assert (c.progress_interval_s, c.host_backlog) == (2.5, 40)
 
 
 @pytest.mark.parametrize(
@@ -98,6 +110,8 @@ def test_config_defaults_and_seed_variables() -> None:
         ({"REDIS_URL": "redis://r", "BACKFILLER_CONSUMER": "c", "BACKFILLER_METRICS_PORT": "70000"},
          "BACKFILLER_METRICS_PORT"),
         ({"REDIS_URL": "http://r", "BACKFILLER_CONSUMER": "c"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://r", "BACKFILLER_CONSUMER": "c", "BACKFILLER_PROGRESS_INTERVAL_SECS": "0"},
+         "BACKFILLER_PROGRESS_INTERVAL_SECS"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -179,6 +193,9 @@ async def test_host_limiter_concurrency_cap() -> None:
 
     await asyncio.gather(*(one() for _ in range(8)))
     assert peak == 2 and limiter.requests == 8
+    assert limiter.latency_s >= 0.009 and limiter.waiting == 0 and limiter.drain_estimate_s() == 0
+    limiter.waiting = 6  # six queued behind two slots: about three request times
+    assert limiter.drain_estimate_s() == pytest.approx(3 * limiter.latency_s)
 
 
 # --- end to end ---------------------------------------------------------------------------
@@ -531,3 +548,332 @@ def test_metric_names_are_the_seeds() -> None:
         "backfiller_car_parse_errors", "backfiller_verification_errors",
     ):  # fmt: skip
         assert seed_name in names  # counters are exposed with the _total suffix
+
+
+# --- slow, rate-limiting and oversized hosts --------------------------------------------------
+
+
+async def _start(backfiller: Backfiller) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    return stop, asyncio.create_task(backfiller.run(stop))
+
+
+async def _until(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> None:
+    """Poll *check* (sync or async) until it is true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _repo_dids(redis: aioredis.Redis, stream: str) -> set[str]:
+    return {e.did for e in await _events(redis, stream) if isinstance(e, RepoEvent)}
+
+
+async def test_get_repo_timeouts_are_retried_then_dead_lettered(
+    make_devnet: MakeDevnet, redis: aioredis.Redis, redis_url: str, redis_prefix: str
+) -> None:
+    """A PDS slower than BACKFILLER_HTTP_TIMEOUT_SECS: every attempt times out, the retries
+    run out, the repos land in the DLQ with the reason; the PLC (not slowed) is unaffected."""
+    _, backfiller, cfg, counts = await _small_devnet_run(
+        make_devnet, redis, redis_url, redis_prefix,
+        faults={"slow_response_ms": 1000, "only_hosts": frozenset({"pds1.test"})},
+        accounts=2, max_retries=2, http_timeout_s=0.25,
+    )  # fmt: skip
+    letters = await _dead_letters(redis, cfg.dlq_stream)
+    assert len(letters) == len(counts)
+    assert all("gave up after 2 retries" in d.reason and "Timeout" in d.reason for d in letters), [
+        d.reason for d in letters
+    ]
+    assert await _events(redis, cfg.firehose_stream) == []
+    assert _value(backfiller, "backfiller_retries_attempted_total") == 2 * len(counts)
+    assert _value(backfiller, "backfiller_car_fetch_errors_total") == 3 * len(counts)
+    assert _value(backfiller, "backfiller_repos_failed_total") == 3 * len(counts)
+    assert _value(backfiller, "backfiller_repos_dead_lettered_total") == len(counts)
+    assert (await redis.xpending(cfg.backfill_stream, cfg.group))["pending"] == 0
+
+
+@asynccontextmanager
+async def _two_host_devnet(
+    make_devnet: MakeDevnet, accounts: int = 10
+) -> AsyncIterator[tuple[Devnet, dict[str, list[str]], dict[str, int]]]:
+    """A two-PDS devnet: (net, DIDs by PDS hostname, record count by DID)."""
+    async with make_devnet(n_pds=2, labeler=False, seed=3) as net:
+        manifest = await net.workload().seed(accounts=accounts, records_per_account=4, churn=0.0, labels=0)
+        host_of = {p.url: p.hostname for p in net.pdses}
+        by_host: dict[str, list[str]] = {p.hostname: [] for p in net.pdses}
+        for did, a in manifest.accounts.items():
+            by_host[host_of[a.pds]].append(did)
+        assert all(by_host.values())
+        yield net, by_host, {did: len(a.records) for did, a in manifest.accounts.items()}
+
+
+async def test_a_slow_host_does_not_starve_the_others(
+    make_devnet: MakeDevnet, redis: aioredis.Redis, redis_url: str, redis_prefix: str
+) -> None:
+    """pds1 answers slowly and its repos are queued first; pds2's repos still all complete
+    while pds1's are waiting (they are queued per host or deferred, not holding workers)."""
+    async with _two_host_devnet(make_devnet) as (net, by_host, counts):
+        net.faults.only_hosts = frozenset({"pds1.test"})
+        net.faults.slow_response_ms = 800
+        cfg = _config(
+            redis_url, redis_prefix, net,
+            concurrency=2, host_concurrency=1, batch_size=2, host_backlog=1, http_timeout_s=30.0,
+        )  # fmt: skip
+        slow, fast = by_host["pds1.test"], by_host["pds2.test"]
+        await _enqueue(redis, cfg, net, slow + fast)
+        backfiller = Backfiller(cfg, redis)
+        stop, task = await _start(backfiller)
+        try:
+            await _until(lambda: _repo_dids(redis, cfg.firehose_stream), "a first repo")
+            await _until(lambda: _has(redis, cfg.firehose_stream, fast), "every repo of the healthy host", 60)
+            done = await _repo_dids(redis, cfg.firehose_stream)
+            assert len(done & set(slow)) < len(slow), "the slow host finished first"
+            await _until(lambda: _has(redis, cfg.firehose_stream, slow), "the slow host's repos", 120)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await backfiller.close()
+        events = await _events(redis, cfg.firehose_stream)
+        assert sum(isinstance(e, RecordEvent) for e in events) == sum(counts.values())
+        assert await _dead_letters(redis, cfg.dlq_stream) == []
+        assert _value(backfiller, "backfiller_retries_attempted_total") == 0
+        assert _value(backfiller, "backfiller_repos_deferred_total") > 0
+
+
+async def _has(redis: aioredis.Redis, stream: str, dids: list[str]) -> bool:
+    return set(dids) <= await _repo_dids(redis, stream)
+
+
+async def test_a_rate_limiting_host_does_not_starve_the_others(
+    make_devnet: MakeDevnet, redis: aioredis.Redis, redis_url: str, redis_prefix: str
+) -> None:
+    """pds1 answers every request with 429 (Retry-After, RateLimit-*): its repos wait out
+    the host's back-off (deferred without spending retries) while pds2's all complete; once
+    pds1 relents, its repos complete too and nothing is dead-lettered."""
+    async with _two_host_devnet(make_devnet) as (net, by_host, counts):
+        net.faults.only_hosts = frozenset({"pds1.test"})
+        net.faults.http_429_every = 1
+        net.faults.retry_after_seconds = 1
+        cfg = _config(
+            redis_url, redis_prefix, net,
+            concurrency=2, host_concurrency=1, batch_size=2, host_backlog=1, max_host_wait_s=0.2,
+        )  # fmt: skip
+        slow, fast = by_host["pds1.test"], by_host["pds2.test"]
+        await _enqueue(redis, cfg, net, slow + fast)
+        backfiller = Backfiller(cfg, redis)
+        stop, task = await _start(backfiller)
+        try:
+            await _until(lambda: _has(redis, cfg.firehose_stream, fast), "every repo of the healthy host", 60)
+            pds1 = net.pdses[0].url.removeprefix("http://")
+            await _until(lambda: backfiller.hosts.get(pds1).rate_limited > 0, "a 429 from pds1")
+            assert not await _repo_dids(redis, cfg.firehose_stream) & set(slow)
+            net.faults.http_429_every = 0  # pds1 relents
+            await _until(lambda: _has(redis, cfg.firehose_stream, slow), "the rate-limited host's repos", 120)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await backfiller.close()
+        events = await _events(redis, cfg.firehose_stream)
+        assert sum(isinstance(e, RecordEvent) for e in events) == sum(counts.values())
+        assert await _dead_letters(redis, cfg.dlq_stream) == []
+        assert _value(backfiller, "backfiller_car_fetch_errors_total") >= 1  # the 429s
+        assert _value(backfiller, "backfiller_retries_attempted_total") >= 1
+        assert _value(backfiller, "backfiller_repos_processed_total") == len(counts)
+
+
+async def test_a_car_growing_past_the_limit_mid_stream_is_refused_with_bounded_memory(
+    make_devnet: MakeDevnet, redis: aioredis.Redis, redis_url: str, redis_prefix: str
+) -> None:
+    """A chunked getRepo answer (no Content-Length) that keeps going: the read stops at the
+    limit, the repo is dead-lettered as too large, and neither side held the 64 MB."""
+    async with make_devnet(n_pds=1, labeler=False, seed=3) as net:
+        manifest = await net.workload().seed(accounts=2, records_per_account=6, churn=0.0, labels=0)
+        net.faults.car_stream_pad_bytes = 64 * 1024 * 1024
+        cfg = _config(redis_url, redis_prefix, net, max_car_bytes=1_000_000)
+        await _enqueue(redis, cfg, net, list(manifest.accounts))
+        backfiller = Backfiller(cfg, redis)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            await _run_until_drained(redis, backfiller, cfg)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    letters = await _dead_letters(redis, cfg.dlq_stream)
+    assert len(letters) == len(manifest.accounts)
+    assert all(d.reason.startswith("too_large") for d in letters), [d.reason for d in letters]
+    assert await _events(redis, cfg.firehose_stream) == []
+    assert _value(backfiller, "backfiller_car_parse_errors_total") == len(manifest.accounts)
+    assert _value(backfiller, "backfiller_repos_dead_lettered_total") == len(manifest.accounts)
+    assert peak < 24 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB"
+
+
+# --- progress -----------------------------------------------------------------------------
+
+
+async def test_progress_is_logged(
+    make_devnet: MakeDevnet,
+    redis: aioredis.Redis,
+    redis_url: str,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="psky.backfiller")
+    async with make_devnet(n_pds=1, labeler=False, seed=3) as net:
+        manifest = await net.workload().seed(accounts=3, records_per_account=4, churn=0.0, labels=0)
+        cfg = _config(redis_url, redis_prefix, net, progress_interval_s=0.05)
+        await _enqueue(redis, cfg, net, list(manifest.accounts))
+        backfiller = Backfiller(cfg, redis)
+        stop, task = await _start(backfiller)
+
+        def final() -> Any:
+            for rec in caplog.records:
+                if rec.getMessage() == "backfill progress" and getattr(rec, "repos_done", 0) == 3:
+                    return rec
+            return None
+
+        try:
+            await _until(final, "a progress line after the last repo")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            await backfiller.close()
+    rec = final()
+    n_records = sum(len(a.records) for a in manifest.accounts.values())
+    assert rec.records_done == n_records
+    for name in ("repos_per_s", "records_per_s", "queue_left", "queue_pending", "running", "failed",
+                 "dead_lettered", "dlq_size"):  # fmt: skip
+        assert isinstance(getattr(rec, name), int | float), name
+    lines = [r for r in caplog.records if r.getMessage() == "backfill progress"]
+    assert sum(r.repos_per_s for r in lines) > 0
+    assert rec.queue_left == 0 and rec.dlq_size == 0 and rec.failed == 0
+
+
+# --- crash: kill -9 of the real service, restart, another member takes over -----------------
+
+
+async def _spawn_backfiller(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    with log_path.open("ab") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "psky.cli", "backfiller", env=env, stdout=log_file, stderr=log_file
+        )
+
+
+async def _kill_when(
+    proc: asyncio.subprocess.Process, done: Callable[[], Any], log_path: Path, what: str
+) -> None:
+    """SIGKILL *proc* as soon as *done()* holds (it must still be running then)."""
+
+    async def check() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"backfiller exited early:\n{_tail(log_path)}")
+        return bool(await done())
+
+    await _until(check, what, 120)
+    proc.kill()
+    await proc.wait()
+
+
+async def test_kill_9_mid_run_loses_no_repo(
+    make_devnet: MakeDevnet, redis: aioredis.Redis, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """``psky backfiller`` as a process, 200 repos queued: killed with SIGKILL mid-run,
+    restarted under the same name (its own pending first), killed again, then a member with
+    another name claims the dead one's idle entries and finishes. Every record of every repo
+    is in firehose_backfill (duplicates allowed) and nothing is left pending."""
+    async with make_devnet(n_pds=2, labeler=False, seed=9) as net:
+        manifest = await net.workload().seed(accounts=200, records_per_account=3, churn=0.0, labels=0)
+        # slow the PDSes a little so a kill lands mid-run
+        net.faults.only_hosts = frozenset(p.hostname for p in net.pdses)
+        net.faults.slow_response_ms = 30
+        cfg = _config(redis_url, redis_prefix, net)
+        await _enqueue(redis, cfg, net, list(manifest.accounts))
+        total = len(manifest.accounts)
+        env = {
+            **os.environ, "REDIS_URL": redis_url, "PLC_URL": net.plc.url,
+            "BACKFILLER_GROUP": cfg.group, "BACKFILLER_BACKFILL_STREAM": cfg.backfill_stream,
+            "BACKFILLER_FIREHOSE_STREAM": cfg.firehose_stream, "BACKFILLER_DLQ_STREAM": cfg.dlq_stream,
+            "BACKFILLER_ALLOW_HOSTS": "127.0.0.1", "BACKFILLER_CONCURRENCY": "4",
+            "BACKFILLER_BATCH_SIZE": "500", "BACKFILLER_HTTP_TIMEOUT_SECS": "20",
+            "BACKFILLER_RETRY_INITIAL_BACKOFF_MS": "20", "BACKFILLER_RETRY_MAX_BACKOFF_MS": "200",
+            "BACKFILLER_CLAIM_IDLE_MS": "1500", "BACKFILLER_CLAIM_INTERVAL_MS": "100",
+            "BACKFILLER_METRICS_PORT": "0", "BACKFILLER_METRICS_HOST": "127.0.0.1",
+            "BACKFILLER_PROGRESS_INTERVAL_SECS": "0.2", "LOG_FORMAT": "text",
+        }  # fmt: skip
+
+        async def left() -> int:
+            return int(await redis.xlen(cfg.backfill_stream))
+
+        # run 1: killed once some (not all) repos are acknowledged
+        log_a = tmp_path / "a.log"
+        proc = await _spawn_backfiller({**env, "BACKFILLER_CONSUMER": "crash-a"}, log_a)
+        await _kill_when(proc, lambda: _lt(left(), total - 30), log_a, "30 repos done by run 1")
+        after_1 = await left()
+        assert 0 < after_1 < total
+        # run 2: same name, reads its own pending entries, killed again
+        proc = await _spawn_backfiller({**env, "BACKFILLER_CONSUMER": "crash-a"}, log_a)
+        await _kill_when(proc, lambda: _lt(left(), after_1 - 30), log_a, "30 more repos done by run 2")
+        after_2 = await left()
+        assert 0 < after_2 < after_1
+        pending = await redis.xpending(cfg.backfill_stream, cfg.group)
+        assert pending["consumers"] == [{"name": b"crash-a", "pending": after_2}] or pending["consumers"] == [
+            {"name": "crash-a", "pending": after_2}
+        ], pending  # every entry left was handed to the dead member
+        # run 3: another member claims the dead one's entries once idle, and finishes
+        log_b = tmp_path / "b.log"
+        proc = await _spawn_backfiller({**env, "BACKFILLER_CONSUMER": "crash-b"}, log_b)
+        try:
+            await _until(lambda: _drained(redis, cfg), "the queue drained by run 3", 120)
+            await _until(lambda: "backfill progress" in _tail(log_b, 10**7), "a progress line")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 60)
+        text_b = _tail(log_b, 10**7)
+        assert proc.returncode == 0, text_b[-3000:]
+        assert "claimed idle pending entries" in text_b and "Traceback" not in text_b
+
+        events = await _events(redis, cfg.firehose_stream)
+        records: dict[str, dict[str, Any]] = {}
+        for ev in events:
+            if isinstance(ev, RecordEvent):
+                assert records.setdefault(ev.uri, {"cid": ev.cid, "value": ev.record}) == {
+                    "cid": ev.cid, "value": ev.record,
+                }  # fmt: skip
+        expected = {uri: rec for a in manifest.accounts.values() for uri, rec in a.records.items()}
+        assert records == expected  # every record, none invented
+        assert {e.did for e in events if isinstance(e, RepoEvent)} == set(manifest.accounts)
+        assert await _dead_letters(redis, cfg.dlq_stream) == []
+        assert await redis.xlen(cfg.backfill_stream) == 0
+        assert (await redis.xpending(cfg.backfill_stream, cfg.group))["pending"] == 0
+        progress = [line for line in text_b.splitlines() if "backfill progress" in line]
+        assert all("queue_left=" in line and "records_per_s=" in line for line in progress), progress[:2]
+
+
+def _tail(path: Path, size: int = 3000) -> str:
+    return path.read_text()[-size:]
+
+
+async def _lt(value: Any, bound: int) -> bool:
+    return bool(await value < bound)
+
+
+async def _drained(redis: aioredis.Redis, cfg: BackfillerConfig) -> bool:
+    pending = await redis.xpending(cfg.backfill_stream, cfg.group)
+    return bool(await redis.xlen(cfg.backfill_stream) == 0 and pending["pending"] == 0)
+
+
+def test_fault_knobs_for_backfiller_tests_parse() -> None:
+    """The devnet knobs these tests add: per-PDS scope and a streamed, padded CAR."""
+    faults = Faults.parse("only_hosts=PDS1.test|pds2.test,car_stream_pad_bytes=4096,slow_ms=5")
+    assert faults.only_hosts == frozenset({"pds1.test", "pds2.test"})
+    assert faults.applies_to("pds2.test") and not faults.applies_to("pds3.test")
+    assert not faults.applies_to(None)  # the PLC, relay and labeler are spared
+    assert Faults.parse(str(faults)) == faults
+    assert Faults().applies_to(None) and Faults().applies_to("pds9.test")

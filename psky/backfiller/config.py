@@ -38,6 +38,8 @@ class BackfillerConfig:
     max_redirects: int = 3
     host_concurrency: int = 8
     host_rate: float = 50.0
+    #: repos queued for one host beyond its concurrency before more are deferred (0 = batch_size)
+    host_backlog: int = 0
     #: IPs, CIDRs or host names that may be private (local networks, tests)
     allow_hosts: tuple[str, ...] = field(default_factory=tuple)
     #: pending entries idle this long belong to a dead consumer and are claimed
@@ -48,6 +50,8 @@ class BackfillerConfig:
     #: create events written per chunk (the TypeScript backfiller's 500)
     chunk_size: int = 500
     handle_map: str = ""
+    #: seconds between two "backfill progress" log lines
+    progress_interval_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BackfillerConfig:
@@ -95,9 +99,11 @@ class BackfillerConfig:
             max_redirects=env_int("BACKFILLER_MAX_REDIRECTS", 3, env, minimum=0, maximum=20),
             host_concurrency=env_int("BACKFILLER_HOST_CONCURRENCY", 8, env, minimum=1),
             host_rate=env_float("BACKFILLER_HOST_RATE", 50.0, env, minimum=0.0),
+            host_backlog=env_int("BACKFILLER_HOST_BACKLOG", 0, env, minimum=0),
             allow_hosts=tuple(env_list("BACKFILLER_ALLOW_HOSTS", (), env)),
             claim_idle_ms=claim_idle,
             claim_interval_ms=env_int("BACKFILLER_CLAIM_INTERVAL_MS", 1000, env, minimum=10),
             max_host_wait_s=env_float("BACKFILLER_MAX_HOST_WAIT_SECS", 2.0, env, minimum=0.0),
             handle_map=env_str("PSKY_HANDLE_RESOLVER_MAP", "", env) or "",
+            progress_interval_s=env_float("BACKFILLER_PROGRESS_INTERVAL_SECS", 10.0, env, minimum=0.01),
         )

@@ -19,7 +19,7 @@ from urllib.parse import urlencode, urljoin
 import aiohttp
 import orjson
 
-from psky.atproto.repo import RepoError, VerifiedRepo, averify_repo_stream
+from psky.atproto.repo import RepoError, VerifiedRepo, averify_repo_stream, verify_repo
 from psky.backfiller.hosts import AddressGuard, AddressRefused, parse_retry_after
 
 __all__ = ["PERMANENT_ERRORS", "Fatal", "FetchFailure", "Permanent", "Transient", "fetch_repo"]
@@ -35,6 +35,8 @@ PERMANENT_ERRORS: dict[str, str] = {
 FatalKind = Literal["fetch", "parse", "verify", "refused", "too_large"]
 
 _CHUNK = 256 * 1024
+#: CARs announced (Content-Length) at most this large are read whole, larger ones streamed
+IN_MEMORY_MAX = 1024 * 1024
 _ERROR_BODY_MAX = 64 * 1024
 
 
@@ -121,9 +123,21 @@ async def fetch_repo(
                         f"repo CAR of {length} bytes exceeds the limit of {max_car_bytes}", "too_large"
                     )
                 try:
-                    repo = await averify_repo_stream(
-                        _chunks(resp, counter), did=did, signing_key=signing_key, max_total_size=max_car_bytes
-                    )
+                    encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
+                    if length is not None and length <= IN_MEMORY_MAX and not encoded:
+                        # small, announced and not compressed (the length is the CAR's): one
+                        # read, then the in-memory verifier, cheaper per block than the
+                        # incremental parser, with memory bounded the same
+                        body = await resp.read()
+                        counter[0] = len(body)
+                        repo = verify_repo(body, did=did, signing_key=signing_key)
+                    else:
+                        repo = await averify_repo_stream(
+                            _chunks(resp, counter),
+                            did=did,
+                            signing_key=signing_key,
+                            max_total_size=max_car_bytes,
+                        )
                 except RepoError as e:
                     text = str(e)
                     if "exceed" in text or "too large" in text or "limit" in text:

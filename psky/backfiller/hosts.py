@@ -24,10 +24,11 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 __all__ = [
     "AddressGuard",
@@ -64,6 +65,7 @@ class AddressGuard:
         self.networks: list[IPNetwork] = []
         self.names: set[str] = set()
         self.suffixes: list[str] = []
+        self._accepted: dict[tuple[str, str], str] = {}
         for item in allow:
             item = item.strip().lower()
             if not item:
@@ -91,24 +93,50 @@ class AddressGuard:
 
     def check_url(self, url: str) -> str:
         """The URL's host, or :class:`AddressRefused` (bad scheme, or a refused IP literal).
-        Host names are checked again when they are resolved (:class:`GuardedResolver`)."""
+        Host names are checked again when they are resolved (:class:`GuardedResolver`).
+
+        The answer depends on the scheme and authority only, so an accepted one is
+        remembered (the backfiller asks twice per repo, for a few distinct PDS hosts)."""
         parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        host = self._accepted.get(key)
+        if host is not None:
+            return host
+        host = self._check_url(url, parts)
+        if len(self._accepted) >= 10_000:
+            self._accepted.clear()
+        self._accepted[key] = host
+        return host
+
+    def _check_url(self, url: str, parts: SplitResult) -> str:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise AddressRefused(f"not an http(s) URL with a host: {url!r:.200}")
         host = parts.hostname
+        # aiohttp connects to the host as yarl normalises it (IDNA turns "１２７.0.0.1" into
+        # the IP literal 127.0.0.1, which skips the resolver): check that form too
+        try:
+            connect_host = URL(url).host
+        except (ValueError, TypeError):
+            raise AddressRefused(f"not a URL aiohttp can fetch: {url!r:.200}") from None
+        self._check_host(host)
+        if connect_host and connect_host != host:
+            self._check_host(connect_host)
+        return host
+
+    def _check_host(self, host: str) -> None:
         if self.name_allowed(host):
-            return host
+            return
         try:
             ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
-            if host == "localhost" or host.endswith(".localhost"):
+            bare = host.rstrip(".")
+            if bare == "localhost" or bare.endswith(".localhost"):
                 raise AddressRefused(
                     f"refusing loopback host {host} (not in BACKFILLER_ALLOW_HOSTS)"
                 ) from None
-            return host
+            return
         if not self.address_allowed(host):
             raise AddressRefused(f"refusing non-public address {host} (not in BACKFILLER_ALLOW_HOSTS)")
-        return host
 
 
 class GuardedResolver(AbstractResolver):
@@ -170,8 +198,12 @@ class HostLimiter:
     limits: HostLimits
     blocked_until: float = 0.0  # monotonic
     active: int = 0
+    #: requests queued for the concurrency cap (the backfiller defers repos beyond a backlog)
+    waiting: int = 0
     requests: int = 0
     rate_limited: int = 0
+    #: moving average of how long a request held a slot (seconds)
+    latency_s: float = 0.0
     _sem: asyncio.Semaphore = field(init=False)
     _tokens: float = field(init=False)
     _last: float = field(init=False)
@@ -206,7 +238,12 @@ class HostLimiter:
     async def slot(self, *, max_wait: float) -> AsyncIterator[None]:
         """One request's turn at this host. Raises :class:`HostBlocked` instead of waiting
         longer than ``max_wait`` seconds for the host's own back-off to end."""
-        async with self._sem:
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        try:
             while True:
                 blocked = self.blocked_for()
                 if blocked > max_wait:
@@ -220,17 +257,28 @@ class HostLimiter:
                 await asyncio.sleep(wait)
             self.active += 1
             self.requests += 1
+            started = time.monotonic()
             try:
                 yield
             finally:
                 self.active -= 1
+                took = time.monotonic() - started
+                self.latency_s = took if self.latency_s == 0 else 0.8 * self.latency_s + 0.2 * took
+        finally:
+            self._sem.release()
+
+    def drain_estimate_s(self) -> float:
+        """Rough time until what is queued and running here now is done."""
+        return (self.waiting + self.active) * self.latency_s / max(1, self.limits.concurrency)
 
     def state(self) -> dict[str, Any]:
         return {
             "active": self.active,
+            "waiting": self.waiting,
             "requests": self.requests,
             "rate_limited": self.rate_limited,
             "blocked_for_s": round(self.blocked_for(), 3),
+            "latency_s": round(self.latency_s, 3),
         }
 
 
@@ -257,7 +305,12 @@ class HostRegistry:
         if limiter is None:
             if len(self._hosts) >= self.max_hosts:
                 for name, old in list(self._hosts.items()):
-                    if old.active == 0 and old.blocked_for() == 0 and not old._sem.locked():
+                    if (
+                        old.active == 0
+                        and old.waiting == 0
+                        and old.blocked_for() == 0
+                        and not old._sem.locked()
+                    ):
                         del self._hosts[name]
                         if len(self._hosts) < self.max_hosts // 2:
                             break

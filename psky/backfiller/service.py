@@ -5,7 +5,10 @@ One process is one member of the consumer group; any number run side by side. Pe
 1. parse the ``repo_backfill`` entry (malformed: acknowledged and counted);
 2. resolve the DID document (the PDS endpoint and signing key; ``host`` is only a hint);
 3. wait for the PDS host's turn (concurrency cap, request rate, its Retry-After) *before*
-   taking a worker slot, so one slow host never starves the others;
+   taking a worker slot, so one slow host never starves the others: repos queued for a host
+   do not count against the read-ahead, and beyond ``host_backlog`` of them (or when the
+   host asks for a longer pause) a repo is put back in the group for later without
+   spending a retry;
 4. fetch and verify the whole repo (hashes, signature, MST, DID), streaming, size-capped;
 5. write one ``create`` event (seq -2) per record, in chunks, then the ``repo`` event,
    waiting at the output stream's high-water mark; flush; only then acknowledge.
@@ -29,6 +32,7 @@ import random
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -37,7 +41,7 @@ from libipld import encode_cid
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from psky.backfiller.config import BackfillerConfig
-from psky.backfiller.fetch import Fatal, FetchFailure, Permanent, Transient, fetch_repo
+from psky.backfiller.fetch import IN_MEMORY_MAX, Fatal, FetchFailure, Permanent, Transient, fetch_repo
 from psky.backfiller.hosts import (
     AddressGuard,
     GuardedResolver,
@@ -101,6 +105,11 @@ class BackfillerMetrics:
         self.host_active = Gauge(
             "backfiller_host_requests_active", "Requests in flight per host", ["host"], registry=r
         )
+        self.repos_deferred = Counter(
+            "backfiller_repos_deferred",
+            "Repos put back because their host was busy or backing off",
+            registry=r,
+        )
         self.host_rate_limited = Gauge(
             "backfiller_host_rate_limited", "429 answers per host", ["host"], registry=r
         )
@@ -110,6 +119,9 @@ class BackfillerMetrics:
 class _Totals:
     repos: int = 0
     records: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    deferred: int = 0
 
 
 class Backfiller:
@@ -144,6 +156,9 @@ class Backfiller:
             batch_size=config.batch_size,
             claim_idle_ms=config.claim_idle_ms,
             claim_interval_ms=config.claim_interval_ms,
+            # a blocking read must not outlast the claim interval: scheduled retries and
+            # deferred repos are picked up by the claim that follows it
+            block_ms=min(1000, config.claim_interval_ms),
             # safety net for repos that crash the process: max_retries is enforced below
             max_deliveries=config.max_retries + 2,
             dlq_stream=config.dlq_stream,
@@ -156,6 +171,12 @@ class Backfiller:
         )
         self._slots = asyncio.Semaphore(config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: tasks queued for a host's turn: they hold no worker, so more may be read meanwhile
+        self._parked = 0
+        self._running = 0
+        self._host_backlog = config.host_backlog or config.batch_size
+        self._max_tasks = config.concurrency + self._host_backlog + config.batch_size
+        self._wakeup = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._to_settle: list[tuple[Message, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -193,9 +214,15 @@ class Backfiller:
         try:
             await self.consumer.ensure_groups()
             while not stop.is_set():
-                # read more only when the workers are about to run dry
-                while len(self._tasks) >= self.config.concurrency and not stop.is_set():
-                    await asyncio.wait([*self._tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
+                # read more only when the workers are about to run dry; repos queued for a
+                # busy host do not count, so one slow host cannot hold every worker idle
+                while self._saturated() and not stop.is_set():
+                    self._wakeup.clear()
+                    if not self._saturated():
+                        break
+                    woken = asyncio.ensure_future(self._wakeup.wait())
+                    await asyncio.wait([woken, stop_task], return_when=asyncio.FIRST_COMPLETED)
+                    woken.cancel()
                 if stop.is_set():
                     break
                 await self.writer.wait_below_high_water_mark()
@@ -209,7 +236,7 @@ class Backfiller:
                 for message in read.result():
                     task = asyncio.create_task(self._handle(message))
                     self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(self._task_done)
         finally:
             self.consumer.stop()
             if self._tasks:
@@ -220,6 +247,15 @@ class Backfiller:
                 await stats
             with contextlib.suppress(Exception):
                 await self.writer.flush()
+
+    def _saturated(self) -> bool:
+        return (
+            len(self._tasks) - self._parked >= self.config.concurrency or len(self._tasks) >= self._max_tasks
+        )
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wakeup.set()
 
     # -- one repo
 
@@ -262,28 +298,47 @@ class Backfiller:
             await self.consumer.ack([message])
             return
         try:
-            host = self.guard.check_url(endpoint)
+            self.guard.check_url(endpoint)
+            # politeness per PDS endpoint: host and port (several PDSes may share a host)
+            host = urlsplit(endpoint).netloc.lower()
         except ValueError as e:
             m.address_refused.inc()
             m.car_fetch_errors.inc()
             await self._dead_letter(message, f"refused: {e}")
             return
         limiter = self.hosts.get(host)
+        if limiter.waiting >= self._host_backlog:
+            # enough of this host's repos are queued already: put this one back for later
+            # rather than let one slow host fill every place in the read-ahead
+            await self._defer(
+                message, f"{host} has {limiter.waiting} repos queued", limiter.drain_estimate_s() or None
+            )
+            return
+        parked = True
+        self._parked += 1
+        self._wakeup.set()
         try:
             async with limiter.slot(max_wait=self.config.max_host_wait_s):
+                self._parked -= 1
+                parked = False
                 m.host_active.labels(host).set(limiter.active)
                 async with self._slots:
                     m.repos_running.inc()
+                    self._running += 1
                     try:
                         await self._backfill(
                             message, request.did, request.status, request.active, endpoint, key, limiter
                         )
                     finally:
+                        self._running -= 1
                         m.repos_running.dec()
                 m.host_active.labels(host).set(limiter.active - 1)
         except HostBlocked as e:
-            # the host's own back-off, not this repo's failure: reschedule (counts as a retry)
-            await self._retry(message, str(e), e.seconds)
+            # the host's own back-off, not this repo's failure: reschedule, no retry spent
+            await self._defer(message, str(e), e.seconds)
+        finally:
+            if parked:
+                self._parked -= 1
 
     async def _backfill(
         self,
@@ -343,7 +398,8 @@ class Backfiller:
         dumps = orjson.dumps
         add = self.writer.add
         count = 0
-        for rec in repo.records(release=True):
+        # a large repo gives its blocks back as they are emitted; a small one is gone soon anyway
+        for rec in repo.records(release=size > IN_MEMORY_MAX):
             if rec.value is None:
                 log.warning(
                     "undecodable record skipped", extra={"did": did, "path": rec.path, "error": rec.error}
@@ -375,7 +431,8 @@ class Backfiller:
 
         Repos finishing together share one write of the buffer and one acknowledgement
         pipeline (the flusher runs while more repos finish); the caller waits for both, so
-        a worker slot is only given back once its repo is safely out.
+        a worker slot is only given back once its repo is safely out (handing it back
+        earlier was measured: busier, no faster, smaller groups).
         """
         done = asyncio.get_running_loop().create_future()
         self._to_settle.append((message, done))
@@ -409,6 +466,7 @@ class Backfiller:
     async def _retry(self, message: Message, reason: str, retry_after: float | None) -> None:
         m = self.metrics
         m.repos_failed.inc()
+        self.totals.failed += 1
         retries_done = message.deliveries - 1
         if retries_done >= self.config.max_retries:
             await self._dead_letter(
@@ -426,8 +484,28 @@ class Backfiller:
         )
         await self.consumer.fail([message], reason, retry_in_ms=delay)
 
+    async def _defer(self, message: Message, reason: str, after_s: float | None) -> None:
+        """Put *message* back, claimable again in about *after_s* seconds (the host's pause,
+        or how long its queue should take to drain; the initial retry backoff when None),
+        without spending one of its retries: the delivery count is reset so the next claim
+        gives it the count it had."""
+        c = self.config
+        delay = int(after_s * 1000) if after_s is not None else c.retry_initial_backoff_ms
+        delay = min(max(delay, 50), c.claim_idle_ms)
+        delay = int(random.uniform(delay, delay * 1.5)) if delay < c.claim_idle_ms else delay
+        self.metrics.repos_deferred.inc()
+        self.totals.deferred += 1
+        log.debug("repo deferred", extra={"id": message.id, "reason": reason, "retry_in_ms": delay})
+        self.consumer.release([message])
+        idle = max(0, c.claim_idle_ms - delay)
+        await self.redis.xclaim(
+            message.stream, c.group, c.consumer, 0, [message.id],
+            idle=idle, retrycount=max(0, message.deliveries - 1), justid=True,
+        )  # fmt: skip
+
     async def _dead_letter(self, message: Message, reason: str) -> None:
         self.metrics.repos_dead_lettered.inc()
+        self.totals.dead_lettered += 1
         log.warning("repo dead-lettered", extra={"id": message.id, "reason": reason})
         await self.consumer.dead_letter([message], reason)
 
@@ -444,32 +522,60 @@ class Backfiller:
 
     # -- progress
 
-    async def _report(self, stop: asyncio.Event, interval_s: float = 1.0, log_every_s: float = 10.0) -> None:
-        m = self.metrics
+    async def _queue_state(self) -> tuple[int, int, int, int]:
+        """(input stream length, entries pending in the group, output length, DLQ length)
+        in one round trip."""
+        c = self.config
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(c.backfill_stream)
+        pipe.execute_command("XPENDING", c.backfill_stream, c.group)
+        pipe.xlen(c.firehose_stream)
+        pipe.xlen(c.dlq_stream)
+        xlen, summary, out_len, dlq_len = await pipe.execute()
+        pending = int(summary[0]) if isinstance(summary, list | tuple) and summary else 0
+        return int(xlen), pending, int(out_len), int(dlq_len)
+
+    async def _report(self, stop: asyncio.Event) -> None:
+        """Gauges every second; every ``progress_interval_s`` one "backfill progress" line:
+        rates since the last line, what is left in the queue, running, failed, DLQ."""
+        m, every = self.metrics, self.config.progress_interval_s
+        tick = min(1.0, every)
         last_log, last = time.monotonic(), _Totals()
         while not stop.is_set():
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(tick)
             try:
-                waiting = int(await self.redis.xlen(self.config.backfill_stream))
-                m.repos_waiting.set(waiting)
-                m.output_stream_length.set(int(await self.redis.xlen(self.config.firehose_stream)))
+                xlen, pending, out_len, dlq_len = await self._queue_state()
             except Exception as e:
                 log.warning("stream length check failed", extra={"error": str(e)})
                 continue
+            m.repos_waiting.set(xlen)
+            m.output_stream_length.set(out_len)
             now = time.monotonic()
-            if now - last_log >= log_every_s:
-                span = now - last_log
-                log.info(
-                    "backfill progress",
-                    extra={
-                        "repos_per_s": round((self.totals.repos - last.repos) / span, 1),
-                        "records_per_s": round((self.totals.records - last.records) / span, 1),
-                        "queue_left": waiting,
-                        "running": len(self._tasks),
-                        "hosts": len(self.hosts),
-                    },
-                )
-                last_log, last = now, _Totals(self.totals.repos, self.totals.records)
+            if now - last_log < every * 0.999:
+                continue
+            span, t = now - last_log, self.totals
+            log.info(
+                "backfill progress",
+                extra={
+                    "repos_per_s": round((t.repos - last.repos) / span, 1),
+                    "records_per_s": round((t.records - last.records) / span, 1),
+                    # acknowledged entries are deleted: the stream holds what is left
+                    "queue_left": xlen,
+                    "queue_unread": max(0, xlen - pending),
+                    "queue_pending": pending,
+                    "running": self._running,
+                    "queued_for_hosts": self._parked,
+                    "in_flight": len(self._tasks),
+                    "repos_done": t.repos,
+                    "records_done": t.records,
+                    "failed": t.failed,
+                    "dead_lettered": t.dead_lettered,
+                    "deferred": t.deferred,
+                    "dlq_size": dlq_len,
+                    "hosts": len(self.hosts),
+                },
+            )
+            last_log, last = now, _Totals(t.repos, t.records)
 
     async def health(self) -> dict[str, Any]:
         await self.redis.ping()

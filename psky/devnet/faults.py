@@ -73,6 +73,12 @@ class Faults:
     car_corrupt: bool = False
     #: pad served repo CARs with an extra block of this many bytes (0 = off)
     car_oversized_bytes: int = 0
+    #: stream repo CARs chunked (no Content-Length) followed by this many bytes of 16 KiB blocks
+    car_stream_pad_bytes: int = 0
+
+    # --- scope ---
+    #: HTTP and getRepo faults hit only the PDSes with these hostnames (empty = every server)
+    only_hosts: frozenset[str] = frozenset()
 
     # --- identity (PLC) ---
     #: DIDs whose served document points the PDS at a private address; true = every DID
@@ -103,6 +109,8 @@ class Faults:
         self._rng = random.Random(self.seed)
         if isinstance(self.private_address_dids, set | list | tuple):
             self.private_address_dids = frozenset(self.private_address_dids)
+        if not isinstance(self.only_hosts, frozenset):
+            self.only_hosts = frozenset(self.only_hosts)
 
     # ------------------------------------------------------------------ queries
 
@@ -135,6 +143,11 @@ class Faults:
         if isinstance(knob, bool):
             return knob
         return did in knob
+
+    def applies_to(self, server: str | None) -> bool:
+        """Whether HTTP/getRepo faults hit the server named *server* (a PDS hostname; None
+        for the PLC, relay and labeler) under ``only_hosts``."""
+        return not self.only_hosts or (server is not None and server in self.only_hosts)
 
     def should_drop(self, frames_sent: int) -> bool:
         """Whether a connection that already sent ``frames_sent`` frames must now be closed."""
@@ -240,6 +253,8 @@ def _parse_value(name: str, kind: Any, text: str | None) -> Any:
         if bad:
             raise ValueError(f"fault knob {name!r} wants DIDs separated by '|', got {bad[0]!r}")
         return dids
+    if name == "only_hosts":
+        return frozenset(h.strip().lower() for h in text.split("|") if h.strip())
     if kind == (bool | float):
         if lowered in _TRUE:
             return True
@@ -271,15 +286,18 @@ def _number(name: str, text: str, kind: type[int] | type[float]) -> Any:
     return value
 
 
-def http_fault_middleware(faults: Faults, key: str = "") -> Middleware:
+def http_fault_middleware(faults: Faults, key: str = "", server: str | None = None) -> Middleware:
     """aiohttp middleware applying ``slow_response_ms``, ``http_500_every`` and ``http_429_every``.
 
-    ``key`` keeps the request counters of one server apart from the others sharing ``faults``.
+    ``key`` keeps the request counters of one server apart from the others sharing ``faults``;
+    ``server`` (a PDS hostname) is what ``only_hosts`` matches.
     The 429 carries the headers the reference PDS sends (``RateLimit-*``) plus ``Retry-After``.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if not faults.applies_to(server):
+            return await handler(request)
         if faults.slow_response_ms > 0:
             await asyncio.sleep(faults.slow_response_ms / 1000)
         status = faults.http_status(key)

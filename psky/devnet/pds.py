@@ -35,8 +35,9 @@ header. Handles are ``<name>.<hostname>``; psky's resolver routes them with the 
 Faults (the shared :class:`~psky.devnet.faults.Faults`, consulted per frame and request):
 stream knobs via :class:`~psky.devnet.sequencer.Sequencer`; ``bad_signature`` and
 ``broken_proof`` alter the sequenced ``#commit`` (the stored repo stays valid); HTTP 429/500
-and slow responses via the shared middleware; ``car_truncate``, ``car_corrupt`` and
-``car_oversized_bytes`` alter the CARs ``getRepo`` serves.
+and slow responses via the shared middleware; ``car_truncate``, ``car_corrupt``,
+``car_oversized_bytes`` and ``car_stream_pad_bytes`` alter the CARs ``getRepo`` serves;
+``only_hosts`` confines HTTP and CAR faults to some PDSes.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ class Pds:
     def make_app(self) -> web.Application:
         middlewares: list[Middleware] = [
             xrpc_middleware(log),
-            http_fault_middleware(self.faults, self._fault_key),
+            http_fault_middleware(self.faults, self._fault_key, self.hostname),
         ]
         app = web.Application(middlewares=middlewares)
         r = app.router
@@ -639,6 +640,8 @@ class Pds:
 
     def _car_faults(self, car: bytes) -> bytes:
         f = self.faults
+        if not f.applies_to(self.hostname):
+            return car
         if f.car_oversized_bytes > 0:
             pad = bytes(f.car_oversized_bytes)
             _, section = iter_car_bytes([], [(cbor.cid_for_raw(pad), pad)])
@@ -723,7 +726,7 @@ class Pds:
             body["cursor"] = f"{page[-1].created_ms}::{page[-1].did}"
         return json_response(body)
 
-    async def _get_repo(self, request: web.Request) -> web.Response:
+    async def _get_repo(self, request: web.Request) -> web.StreamResponse:
         did = param_did(request)
         since = param_tid(request, "since")
         repo = self._available(did)._repo()
@@ -731,7 +734,31 @@ class Pds:
             car = repo.export_car()
         else:
             car = write_car([repo.commit_cid], repo.blocks_by_rev(since))
-        return web.Response(body=self._car_faults(car), content_type="application/vnd.ipld.car")
+        car = self._car_faults(car)
+        pad = self.faults.car_stream_pad_bytes
+        if pad > 0 and self.faults.applies_to(self.hostname):
+            return await self._stream_padded_car(request, car, pad)
+        return web.Response(body=car, content_type="application/vnd.ipld.car")
+
+    async def _stream_padded_car(self, request: web.Request, car: bytes, pad: int) -> web.StreamResponse:
+        """``car_stream_pad_bytes``: the CAR chunked (no Content-Length), then distinct 16 KiB
+        raw blocks made one at a time, so the server never holds the padding."""
+        resp = web.StreamResponse(headers={"content-type": "application/vnd.ipld.car"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            await resp.write(car)
+            sent, n = 0, 0
+            while sent < pad:
+                block = n.to_bytes(8, "big") + bytes(16 * 1024 - 8)
+                _, section = iter_car_bytes([], [(cbor.cid_for_raw(block), block)])
+                await resp.write(section)
+                sent += len(section)
+                n += 1
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client hung up (a backfiller refusing the size does)
+        return resp
 
     async def _sync_get_record(self, request: web.Request) -> web.Response:
         did = param_did(request)
