@@ -174,9 +174,10 @@ async def test_account_events_set_and_clear_upstream_status(env: Env) -> None:
     await env.index(account_event(quiet, False, "deactivated"))
     row = await env.actor(quiet)
     assert row is not None and row["upstreamStatus"] == "deactivated" and row["handle"] is None
-    # a deleted account leaves no actor behind
+    # a deleted account leaves only a marker: no handle, status "deleted"
     await env.index(account_event(did, False, "deleted"))
-    assert await env.actor(did) is None
+    row = await env.actor(did)
+    assert row is not None and row["upstreamStatus"] == "deleted" and row["handle"] is None
 
 
 async def test_without_resolution_the_stream_handle_is_used(env: Env) -> None:

@@ -181,7 +181,7 @@ class Actors:
         if e.active:
             status: str | None = None
         elif e.status == "deleted":
-            await unindex_actor(conn, e.did)
+            await unindex_actor(conn, e.did, e.time)
             return
         else:
             status = e.status or "deactivated"
@@ -207,6 +207,17 @@ class Actors:
             latest.pop(did, None)
         if not latest:
             return
+        # an older resolution (a batch handled late by another consumer) never overwrites a
+        # newer one, and a deleted account's marker keeps no handle
+        rows = await conn.fetch(
+            'SELECT did, "indexedAt", "upstreamStatus" FROM actor WHERE did = ANY($1::text[]) FOR UPDATE',
+            sorted(latest),
+        )
+        for row in rows:
+            if row["upstreamStatus"] == "deleted" or row["indexedAt"] > latest[row["did"]][1]:
+                latest.pop(row["did"], None)
+        if not latest:
+            return
         dids = sorted(latest)
         # one handle per actor: the last claimant in this batch wins
         by_handle: dict[str, str] = {}
@@ -218,18 +229,11 @@ class Actors:
                     latest[prev] = (None, latest[prev][1])
                 by_handle[handle] = did
         handles = [latest[d][0] for d in dids]
-        claimed = [(h, d) for d, h in zip(dids, handles, strict=True) if h is not None]
-        if claimed:
-            await conn.execute(
-                "UPDATE actor a SET handle = NULL FROM unnest($1::text[], $2::text[]) AS t(handle, did)"
-                " WHERE a.handle = t.handle AND a.did <> t.did",
-                [h for h, _ in claimed],
-                [d for _, d in claimed],
-            )
-        # release handles these actors are giving up before others take them
+        # handle contention: whoever held a handle claimed here loses it (also actors of this
+        # batch swapping handles, so that the upsert below never meets the unique constraint)
         await conn.execute(
-            "UPDATE actor SET handle = NULL WHERE did = ANY($1::text[]) AND handle IS NOT NULL",
-            dids,
+            "UPDATE actor SET handle = NULL WHERE handle = ANY($1::text[])",
+            [h for h in handles if h is not None],
         )
         await conn.execute(
             'INSERT INTO actor (did, handle, "indexedAt") SELECT * FROM unnest($1::text[], $2::text[], $3::text[])'
@@ -240,7 +244,7 @@ class Actors:
         )
 
 
-async def unindex_actor(conn: asyncpg.Connection, did: str) -> dict[str, int]:
+async def unindex_actor(conn: asyncpg.Connection, did: str, at: str) -> dict[str, int]:
     """Remove everything a deleted account wrote (its rows, records, notifications, actor),
     keeping the aggregates of other actors' subjects exact."""
     counts: dict[str, int] = {}
@@ -268,7 +272,15 @@ async def unindex_actor(conn: asyncpg.Connection, did: str) -> dict[str, int]:
         'DELETE FROM duplicate_record WHERE uri LIKE $1 OR "duplicateOf" LIKE $1', f"at://{did}/%"
     )
     await conn.execute("DELETE FROM record WHERE did = $1", did)
-    await conn.execute("DELETE FROM actor WHERE did = $1", did)
+    await conn.execute("DELETE FROM actor_sync WHERE did = $1", did)
+    # the actor stays as a marker (the TypeScript indexer deletes it): records of this
+    # account arriving later from an older batch must not bring it back
+    await conn.execute(
+        'INSERT INTO actor (did, handle, "indexedAt", "upstreamStatus") VALUES ($1, NULL, $2, \'deleted\')'
+        " ON CONFLICT (did) DO UPDATE SET handle = NULL, \"upstreamStatus\" = 'deleted'",
+        did,
+        at,
+    )
     for (table, subject, column), delta in sorted(deltas.items()):
         if table == "profile_agg" and subject == did:
             continue

@@ -25,7 +25,6 @@ run as waves of their own.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -128,14 +127,29 @@ def _build_row(plugin: Plugin, op: RecordOp) -> tuple[Any, ...] | None:
 # --- the wave context: what plugins use to talk to the database ---------------------------
 
 
+class Totals:
+    """Aggregate deltas and quote recounts of a whole batch, written at its end in key order
+    (they commute, and one sorted pass keeps concurrent batches from deadlocking on them)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.agg: dict[tuple[str, str, str], int] = defaultdict(int)
+
+
 class WaveContext:
     """One wave's view of the transaction plus what it accumulates for the final steps."""
 
-    def __init__(self, conn: asyncpg.Connection, ops: Mapping[str, RecordOp]) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, ops: Mapping[str, RecordOp], totals: Totals | None = None
+    ) -> None:
         self.conn = conn
         self.ops = ops
         self.scratch: dict[str, Any] = {}
-        self.agg: dict[tuple[str, str, str], int] = defaultdict(int)
+        totals = totals if totals is not None else Totals(conn)
+        #: aggregate deltas and quote recounts, applied once per batch (see Totals)
+        self.agg = totals.agg
+        #: quote counts are recounts (as the TypeScript indexer defines them), so they are
+        #: taken where one-by-one application would take them: at the end of the wave
         self.quotes: dict[str, str] = {}
         self.notifs: list[Notif] = []
         self.notif_deletes: list[str] = []
@@ -361,32 +375,9 @@ def _record_json(record: dict[str, Any]) -> str:
     return orjson.dumps(record).decode()
 
 
-def _lock_id(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-
-
-async def _lock_duplicate_keys(conn: asyncpg.Connection, wave: _Wave) -> set[int]:
-    """Serialize transactions on the duplicate keys this wave touches: without this, a
-    duplicate filed by one consumer while another deletes the original would never be
-    promoted (each would miss the other's uncommitted row)."""
-    ids: set[int] = set()
-    for item in wave.items:
-        plugin, op = item.plugin, item.op
-        if plugin is None or op is None or not plugin.unique:
-            continue
-        for key in (item.prior_key, plugin.dup_key(op.did, op.record) if op.record is not None else None):
-            name = _dup_key_name(plugin, key)
-            if name:
-                ids.add(_lock_id(name))
-    if ids:
-        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", sorted(ids))
-    return ids
-
-
 async def _run_wave(
-    conn: asyncpg.Connection, wave: _Wave, result: BatchResult, lexicons: Lexicons | None
+    conn: asyncpg.Connection, wave: _Wave, result: BatchResult, lexicons: Lexicons | None, totals: Totals
 ) -> None:
-    locked = await _lock_duplicate_keys(conn, wave)
     ops = [item.op for item in wave.items if item.op is not None]
     writes = sorted((op for op in ops if op.record is not None), key=lambda o: o.uri)
     deletes = sorted((op for op in ops if op.record is None), key=lambda o: o.uri)
@@ -415,7 +406,7 @@ async def _run_wave(
         if op.kind == "create" and op.uri in replacing:
             op.kind = "update"
     result.stale += len(ops) - len(live)
-    ctx = WaveContext(conn, {op.uri: op for op in live})
+    ctx = WaveContext(conn, {op.uri: op for op in live}, totals)
     deleted_uris = [op.uri for op in live if op.kind == "delete"]
     if deleted_uris:
         await conn.execute("DELETE FROM duplicate_record WHERE uri = ANY($1::text[])", deleted_uris)
@@ -440,24 +431,23 @@ async def _run_wave(
             # duplicate (the TypeScript indexer promotes on delete only, leaving a live
             # record unindexed when the original changes subject)
             freed = [r["uri"] for r in rows if _frees_key(plugin, r, by_uri[r["uri"]])]
-            # the key actually freed may differ from the one planned (another consumer
-            # changed the row since): lock it before looking for its duplicates
-            extra = {_lock_id(f"dup:{plugin.table}:" + "\x1f".join(plugin.row_key(r) or ())) for r in rows}
-            extra -= locked
-            if extra:
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", sorted(extra)
-                )
-                locked |= extra
             if freed:
-                for p in await _promotions(conn, plugin, freed, by_uri, lexicons):
-                    promoted.append(p)
-                    if p.replaces:
-                        replacements.add(p.replaces)
-                if promoted:
+                mine = await _promotions(conn, plugin, freed, by_uri, lexicons)
+                promoted += mine
+                replacements.update(p.replaces for p in mine if p.replaces)
+                if mine:
+                    # the promoted record is no longer a duplicate; the original's other
+                    # duplicates now duplicate it
                     await conn.execute(
                         "DELETE FROM duplicate_record WHERE uri = ANY($1::text[])",
-                        sorted(p.uri for p in promoted),
+                        sorted(p.uri for p in mine),
+                    )
+                    await conn.execute(
+                        'UPDATE duplicate_record d SET "duplicateOf" = t.holder'
+                        " FROM unnest($1::text[], $2::text[]) AS t(original, holder)"
+                        ' WHERE d."duplicateOf" = t.original',
+                        [p.replaces for p in mine],
+                        [p.uri for p in mine],
                     )
         for row in rows:
             _agg(ctx, plugin, row, -1)
@@ -513,9 +503,9 @@ async def _run_wave(
                 [op for op in attempts if op.uri not in new],
                 [op.uri for op in attempts if op.uri in new and op.kind == "update"],
             )
-    # 4. notifications, aggregates
+    # 4. notifications, quote counts (other aggregates at the end of the batch)
     result.notifications += await _write_notifications(ctx)
-    await _write_aggregates(ctx)
+    await _write_quote_counts(ctx)
 
 
 def _frees_key(plugin: Plugin, row: Mapping[str, Any], op: RecordOp) -> bool:
@@ -587,15 +577,23 @@ async def _duplicates(
     params = ", ".join(f"${i + 1}::text[]" for i in range(len(cols)))
     alias = ", ".join(f"c{i}" for i in range(len(cols)))
     select = ", ".join(f"k.c{i}" for i in range(len(cols)))
+    # the holders are locked: a consumer deleting one concurrently either finished (its row
+    # is gone: retry the batch, the key is free now) or waits for this transaction, and then
+    # finds the duplicate filed here and promotes it
     rows = await conn.fetch(
-        f'SELECT t.uri, {select} FROM "{plugin.table}" t JOIN unnest({params}) AS k({alias}) ON {match}',
+        f'SELECT t.uri, {select} FROM "{plugin.table}" t JOIN unnest({params}) AS k({alias}) ON {match}'
+        " ORDER BY t.uri FOR UPDATE OF t",
         *arrays,
     )
     holders = {tuple(str(r[f"c{i}"]) for i in range(len(cols))): r["uri"] for r in rows}
     dups = []
     for op, key in keyed:
         holder = holders.get(key)
-        if holder and holder != op.uri:
+        if holder is None:
+            raise asyncpg.exceptions.SerializationError(
+                f"the holder of the duplicate key of {op.uri} was removed concurrently"
+            )
+        if holder != op.uri:
             dups.append((op.uri, op.cid, holder, op.indexed_at))
     if dups:
         dups.sort()
@@ -635,7 +633,7 @@ _AGG_COLUMNS = {
 }
 
 
-async def _write_aggregates(ctx: WaveContext) -> None:
+async def _write_aggregates(ctx: Totals) -> None:
     for table, (key_col, columns) in _AGG_COLUMNS.items():
         deltas: dict[str, list[int]] = {}
         for (t, key, column), delta in ctx.agg.items():
@@ -651,6 +649,9 @@ async def _write_aggregates(ctx: WaveContext) -> None:
             f' ON CONFLICT ("{key_col}") DO UPDATE SET {sets}',
             keys, [deltas[k][0] for k in keys], [deltas[k][1] for k in keys], [deltas[k][2] for k in keys],
         )  # fmt: skip
+
+
+async def _write_quote_counts(ctx: WaveContext) -> None:
     if ctx.quotes:
         subjects = sorted(ctx.quotes)
         cids = [ctx.quotes[s] for s in subjects]
@@ -678,6 +679,8 @@ async def _actor_sync(conn: asyncpg.Connection, items: list[Item]) -> None:
     best: dict[str, tuple[str, str]] = {}
     for item in items:
         e = item.event
+        if item.skipped == "account_deleted":
+            continue
         if isinstance(e, RepoEvent) or (isinstance(e, (RecordEvent, DeleteEvent)) and e.seq != SEQ_BACKFILL):
             if not e.commit or not e.rev:
                 continue
@@ -698,6 +701,46 @@ async def _actor_sync(conn: asyncpg.Connection, items: list[Item]) -> None:
     )
 
 
+_LOCK_RECORDS = (
+    'INSERT INTO record (uri, cid, did, json, rev, "indexedAt")'
+    " SELECT t.uri, '', t.did, '', '', t.at FROM unnest($1::text[], $2::text[], $3::text[]) AS t(uri, did, at)"
+    " ORDER BY t.uri ON CONFLICT (uri) DO UPDATE SET rev = record.rev WHERE false"
+)
+
+
+async def _lock_records(conn: asyncpg.Connection, items: list[Item]) -> None:
+    """Lock every record row the batch touches, in URI order, before any wave runs: waves
+    write in several passes, and two batches sharing URIs (a live event and the backfill of
+    the same record, a redelivery) would otherwise deadlock. A URI not yet indexed gets a
+    placeholder (rev ``''``, older than any real rev) that the batch's first write replaces."""
+    rows: dict[str, tuple[str, str]] = {}
+    for item in items:
+        if item.op is not None and item.skipped is None:
+            rows.setdefault(item.op.uri, (item.op.did, item.op.indexed_at))
+    if rows:
+        uris = sorted(rows)
+        await conn.execute(_LOCK_RECORDS, uris, [rows[u][0] for u in uris], [rows[u][1] for u in uris])
+
+
+async def _skip_deleted_accounts(
+    conn: asyncpg.Connection, items: list[Item], result: BatchResult
+) -> set[str]:
+    """Records of accounts deleted in an earlier batch are not indexed again (an older batch
+    redelivered or handled late by another consumer would bring them back)."""
+    dids = sorted({item.event.did for item in items if item.skipped is None})
+    if not dids:
+        return set()
+    rows = await conn.fetch(
+        "SELECT did FROM actor WHERE did = ANY($1::text[]) AND \"upstreamStatus\" = 'deleted'", dids
+    )
+    gone = {r["did"] for r in rows}
+    for item in items:
+        if item.op is not None and item.skipped is None and item.op.did in gone:
+            item.skipped = "account_deleted"
+            result.skipped["account_deleted"] += 1
+    return gone
+
+
 async def apply_batch(
     conn: asyncpg.Connection,
     items: list[Item],
@@ -705,22 +748,32 @@ async def apply_batch(
     lexicons: Lexicons | None,
     actors: Any = None,
 ) -> BatchResult:
-    """Index prepared items in one transaction (the caller retries on deadlock)."""
+    """Index prepared items in one transaction (the caller retries on deadlock and
+    serialization failures: the items can be applied again as they are)."""
     result = BatchResult()
     for item in items:
+        if item.skipped == "account_deleted":
+            item.skipped = None
+        if item.op is not None:  # a retry starts from the events again
+            item.op.kind = item.event.type
+            item.op.had_row = False
         if item.skipped is not None:
             result.skipped[item.skipped] += 1
     async with conn.transaction():
+        gone = await _skip_deleted_accounts(conn, items, result)
+        await _lock_records(conn, items)
         await _read_prior_keys(conn, items)
         waves = _plan(items, await _gated_roots(conn, items))
+        totals = Totals(conn)
         for wave in waves:
             if wave.actor:
                 if actors is not None:
                     await actors.apply(conn, wave.items[0])
             else:
-                await _run_wave(conn, wave, result, lexicons)
+                await _run_wave(conn, wave, result, lexicons, totals)
         result.waves = len(waves)
-        await _actor_sync(conn, items)
+        await _write_aggregates(totals)
+        await _actor_sync(conn, [i for i in items if i.event.did not in gone])
         if actors is not None:
             await actors.apply_handles(conn, items)
     return result
