@@ -67,6 +67,10 @@ def _is_db_outage(exc: BaseException) -> bool:
     )
 
 
+class _Rejected(Exception):
+    """The database refused a batch for a reason other than contention or an outage."""
+
+
 def _event_type(event: StreamEvent) -> str:
     collection = getattr(event, "collection", None)
     return f"{event.type}-{collection}" if collection else event.type
@@ -213,7 +217,10 @@ class Indexer:
             await self.actors.resolve(self.pool, items)
         except Exception as e:  # handles are re-checked later; never block records on them
             log.warning("handle resolution step failed", extra={"error": str(e)})
-        result = await self._apply(items)
+        try:
+            result: BatchResult | None = await self._apply(items)
+        except _Rejected:
+            result = None
         if result is None:
             failed = await self._one_by_one(parsed, items)
             done = [m for (m, _), ok in zip(parsed, failed, strict=True) if ok]
@@ -234,9 +241,9 @@ class Indexer:
         self.batches += 1
         self.last_batch_at = time.time()
 
-    async def _apply(self, items: list[Item]) -> BatchResult | None:
-        """The batch in one transaction: deadlocks retried, outages waited out; None when the
-        batch fails for another reason (the caller then goes event by event)."""
+    async def _apply(self, items: list[Item]) -> BatchResult:
+        """The batch in one transaction: deadlocks retried, outages waited out; any other
+        failure raises :class:`_Rejected` (the caller then goes event by event)."""
         attempt = 0
         outage_delay = 0.5
         while True:
@@ -258,7 +265,7 @@ class Indexer:
                     continue
                 log.warning("batch failed, indexing its events one by one", extra={"error": str(e)[:500]})
                 self.metrics.retries.labels("split").inc()
-                return None
+                raise _Rejected(f"{type(e).__name__}: {e}") from e
             except Exception as e:
                 if _is_db_outage(e):
                     await self._wait_outage(e, outage_delay)
@@ -281,12 +288,13 @@ class Indexer:
             fresh = prepare_items([(event, item.notify)], self.lexicons)
             fresh[0].handle = item.handle
             error: Exception | None = None
+            result: BatchResult | None = None
             try:
                 result = await self._apply(fresh)
             except Exception as e:
-                result, error = None, e
+                error = e
             if result is None:
-                reason = f"indexing failed: {error or 'database rejected the event'}"
+                reason = f"indexing failed: {error}"
                 self.metrics.failed.labels(**self._labels(m.stream)).inc()
                 log.error(
                     "failed indexer stream message",

@@ -95,7 +95,10 @@ def _mentions(record: Mapping[str, Any] | None) -> list[str]:
 
 
 def _json_list(value: Any) -> str | None:
-    return orjson.dumps(value).decode() if isinstance(value, list) and value else None
+    """A jsonb array; jsonb cannot hold NUL characters, so they are dropped from its strings."""
+    if not isinstance(value, list) or not value:
+        return None
+    return orjson.dumps([v.replace("\x00", "") if type(v) is str else v for v in value]).decode()
 
 
 class Post(Plugin):
