@@ -192,7 +192,7 @@ async def test_labels_with_negation_and_expiry(
 async def test_a_database_outage_is_waited_out(
     redis_url: str, db_url: str, redis_prefix: str, redis: aioredis.Redis
 ) -> None:
-    """Connections refused for a while (the database's CONNECT privilege revoked and every
+    """Connections refused for a while (the database closed to connections and every
     session killed): nothing is acknowledged meanwhile, everything is indexed after."""
     config = _config(redis_url, db_url, redis_prefix, concurrency=1)
     live = config.streams[0]
@@ -206,7 +206,7 @@ async def test_a_database_outage_is_waited_out(
     try:
         await _add(redis, live, [ev.create(A, POST, "3kp0", post())])
         await _wait(lambda: _count(db_url, "post", 1))
-        await admin.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM PUBLIC')
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
             name,
@@ -214,10 +214,10 @@ async def test_a_database_outage_is_waited_out(
         await _add(redis, live, [ev.create(A, POST, f"3kp{i}", post()) for i in range(1, 20)])
         await _wait(lambda: _outage_seen(indexer))
         assert (await redis.xpending(live, config.group))["pending"] >= 1
-        await admin.execute(f'GRANT CONNECT ON DATABASE "{name}" TO PUBLIC')
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await _wait(lambda: _count(db_url, "post", 20))
     finally:
-        await admin.execute(f'GRANT CONNECT ON DATABASE "{name}" TO PUBLIC')
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         stop.set()
         await asyncio.wait_for(task, 30)
         await pool.close()

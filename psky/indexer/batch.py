@@ -131,9 +131,11 @@ class Totals:
     """Aggregate deltas and quote recounts of a whole batch, written at its end in key order
     (they commute, and one sorted pass keeps concurrent batches from deadlocking on them)."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, fresh: set[str] | None = None) -> None:
         self.conn = conn
         self.agg: dict[tuple[str, str, str], int] = defaultdict(int)
+        #: URIs whose ``record`` row is still this batch's placeholder (no version indexed)
+        self.fresh: set[str] = fresh if fresh is not None else set()
 
 
 class WaveContext:
@@ -231,7 +233,9 @@ def _clean_text(values: list[Any]) -> list[Any]:
 class _Wave:
     items: list[Item] = field(default_factory=list)
     writes: set[str] = field(default_factory=set)
+    shared: set[str] = field(default_factory=set)
     reads: set[str] = field(default_factory=set)
+    readable: set[str] = field(default_factory=set)
     actor: bool = False  # account/identity events: applied alone
 
 
@@ -242,35 +246,47 @@ def _dup_key_name(plugin: Plugin, key: tuple[str, ...] | None) -> str | None:
     return None if key is None else f"dup:{plugin.table}:" + "\x1f".join(key)
 
 
-def _keys(item: Item, gated_roots: set[str]) -> tuple[set[str], set[str], bool]:
-    """(writes, reads, alone) of a record event."""
+@dataclass(slots=True)
+class _Keys:
+    """What a record event touches, for wave planning. ``shared`` are duplicate keys of
+    creates: two creates of one key may share a wave (the first inserted wins, as one at a
+    time); ``readable`` is a post a later reply in the same wave may read (its record and
+    flags are handed over in memory, see ``Post.prepare``)."""
+
+    writes: set[str]
+    shared: set[str]
+    reads: set[str]
+    readable: str | None
+    alone: bool
+
+
+def _keys(item: Item, gated_roots: set[str]) -> _Keys:
     op, plugin = item.op, item.plugin
     assert op is not None and plugin is not None
-    writes = {op.uri, *plugin.write_keys(op.did, op.rkey, op.record)}
-    reads: set[str] = set()
-    alone = False
+    keys = _Keys({op.uri, *plugin.write_keys(op.did, op.rkey, op.record)}, set(), set(), None, False)
     if op.record is not None:
-        reads.update(plugin.read_keys(op.did, op.rkey, op.record))
+        keys.reads.update(plugin.read_keys(op.did, op.rkey, op.record))
         new_key = _dup_key_name(plugin, plugin.dup_key(op.did, op.record)) if plugin.unique else None
         if new_key:
-            writes.add(new_key)
+            (keys.shared if op.kind == "create" else keys.writes).add(new_key)
         if op.collection == POST:
             root = reply_refs(op.record)[0]
-            alone = bool(root and gate_uri(root) in gated_roots)
+            keys.alone = bool(root and gate_uri(root) in gated_roots)
+            keys.readable = op.uri
     prior = _dup_key_name(plugin, item.prior_key) if plugin.unique else None
     if prior:
-        writes.add(prior)
+        keys.writes.add(prior)
     if op.collection == POST:
         if op.kind != "create":
             # a removed post changes the reply chains that reply notifications walk
-            writes.update((f"quote:{op.uri}", f"feed:{op.uri}", _POST_TREE))
+            keys.writes.update((f"quote:{op.uri}", f"feed:{op.uri}", _POST_TREE))
         if op.notify and op.record is not None and "reply" in op.record:
-            reads.add(_POST_TREE)
+            keys.reads.add(_POST_TREE)
     if op.collection == "app.bsky.feed.repost" and op.record is not None:
         subject = op.record.get("subject")
         if isinstance(subject, dict) and type(subject.get("uri")) is str:
-            writes.add(f"feed:{subject['uri']}")
-    return writes, reads, alone
+            keys.writes.add(f"feed:{subject['uri']}")
+    return keys
 
 
 def _plan(items: list[Item], gated_roots: set[str]) -> list[_Wave]:
@@ -285,15 +301,26 @@ def _plan(items: list[Item], gated_roots: set[str]) -> list[_Wave]:
                 wave = _Wave()
             waves.append(_Wave(items=[item], actor=True))
             continue
-        writes, reads, alone = _keys(item, gated_roots)
-        if wave.items and (alone or not writes.isdisjoint(wave.writes) or not writes.isdisjoint(wave.reads)
-                           or not reads.isdisjoint(wave.writes)):  # fmt: skip
+        k = _keys(item, gated_roots)
+        if wave.items and (
+            k.alone
+            or not k.writes.isdisjoint(wave.writes)
+            or not k.writes.isdisjoint(wave.shared)
+            or not k.writes.isdisjoint(wave.reads)
+            or not k.shared.isdisjoint(wave.writes)
+            or not k.shared.isdisjoint(wave.reads)
+            or not (k.reads - wave.readable).isdisjoint(wave.writes)
+            or not k.reads.isdisjoint(wave.shared)
+        ):
             waves.append(wave)
             wave = _Wave()
         wave.items.append(item)
-        wave.writes |= writes
-        wave.reads |= reads
-        if alone:
+        wave.writes |= k.writes
+        wave.shared |= k.shared
+        wave.reads |= k.reads
+        if k.readable:
+            wave.readable.add(k.readable)
+        if k.alone:
             waves.append(wave)
             wave = _Wave()
     if wave.items:
@@ -393,7 +420,8 @@ async def _run_wave(
         applied.update(r["uri"] for r in rows)
         # a create over an older version (its delete not indexed yet, e.g. handled by another
         # consumer later) replaces that version like an update does
-        replacing = {r["uri"] for r in rows if r["existed"]}
+        replacing = {r["uri"] for r in rows if r["existed"] and r["uri"] not in totals.fresh}
+        totals.fresh.difference_update(r["uri"] for r in rows)
     if deletes:
         rows = await conn.fetch(
             _TOMBSTONES,
@@ -401,6 +429,7 @@ async def _run_wave(
             [o.indexed_at for o in deletes],
         )  # fmt: skip
         applied.update(r["uri"] for r in rows)
+        totals.fresh.difference_update(r["uri"] for r in rows)
     live = [op for op in ops if op.uri in applied]
     for op in live:
         if op.kind == "create" and op.uri in replacing:
@@ -704,11 +733,11 @@ async def _actor_sync(conn: asyncpg.Connection, items: list[Item]) -> None:
 _LOCK_RECORDS = (
     'INSERT INTO record (uri, cid, did, json, rev, "indexedAt")'
     " SELECT t.uri, '', t.did, '', '', t.at FROM unnest($1::text[], $2::text[], $3::text[]) AS t(uri, did, at)"
-    " ORDER BY t.uri ON CONFLICT (uri) DO UPDATE SET rev = record.rev WHERE false"
+    " ORDER BY t.uri ON CONFLICT (uri) DO UPDATE SET rev = record.rev WHERE false RETURNING uri"
 )
 
 
-async def _lock_records(conn: asyncpg.Connection, items: list[Item]) -> None:
+async def _lock_records(conn: asyncpg.Connection, items: list[Item]) -> set[str]:
     """Lock every record row the batch touches, in URI order, before any wave runs: waves
     write in several passes, and two batches sharing URIs (a live event and the backfill of
     the same record, a redelivery) would otherwise deadlock. A URI not yet indexed gets a
@@ -717,9 +746,11 @@ async def _lock_records(conn: asyncpg.Connection, items: list[Item]) -> None:
     for item in items:
         if item.op is not None and item.skipped is None:
             rows.setdefault(item.op.uri, (item.op.did, item.op.indexed_at))
-    if rows:
-        uris = sorted(rows)
-        await conn.execute(_LOCK_RECORDS, uris, [rows[u][0] for u in uris], [rows[u][1] for u in uris])
+    if not rows:
+        return set()
+    uris = sorted(rows)
+    placed = await conn.fetch(_LOCK_RECORDS, uris, [rows[u][0] for u in uris], [rows[u][1] for u in uris])
+    return {r["uri"] for r in placed}  # the placeholders: URIs new to the database
 
 
 async def _skip_deleted_accounts(
@@ -761,10 +792,10 @@ async def apply_batch(
             result.skipped[item.skipped] += 1
     async with conn.transaction():
         gone = await _skip_deleted_accounts(conn, items, result)
-        await _lock_records(conn, items)
+        fresh = await _lock_records(conn, items)
         await _read_prior_keys(conn, items)
         waves = _plan(items, await _gated_roots(conn, items))
-        totals = Totals(conn)
+        totals = Totals(conn, fresh)
         for wave in waves:
             if wave.actor:
                 if actors is not None:

@@ -52,6 +52,8 @@ _MAX_BATCH_RETRIES = 8
 
 
 def _is_db_outage(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError) and str(getattr(exc, "sqlstate", "")).startswith(("08", "57P")):
+        return True
     return isinstance(
         exc,
         (
@@ -63,8 +65,14 @@ def _is_db_outage(exc: BaseException) -> bool:
             asyncpg.exceptions.TooManyConnectionsError,
             asyncpg.exceptions.AdminShutdownError,
             asyncpg.exceptions.CrashShutdownError,
+            asyncpg.exceptions.InternalClientError,
+            _Unavailable,
         ),
     )
+
+
+class _Unavailable(Exception):
+    """No database connection could be opened."""
 
 
 class _Rejected(Exception):
@@ -248,8 +256,18 @@ class Indexer:
         outage_delay = 0.5
         while True:
             try:
-                async with self.pool.acquire() as conn:
+                try:
+                    conn = await self.pool.acquire()
+                except Exception as e:  # no connection to be had: the database is unavailable
+                    raise _Unavailable(str(e)) from e
+                try:
                     result = await apply_batch(conn, items, lexicons=self.lexicons, actors=self.actors)
+                except BaseException as e:
+                    if _is_db_outage(e) or isinstance(e, asyncio.CancelledError):
+                        conn.terminate()  # never hand a half-dead connection back to the pool
+                    raise
+                finally:
+                    await self.pool.release(conn)
                 self.db_ok = True
                 return result
             except asyncpg.PostgresError as e:
@@ -350,8 +368,14 @@ class Indexer:
         delay = 0.5
         while True:
             try:
-                async with self.pool.acquire() as conn:
+                try:
+                    conn = await self.pool.acquire()
+                except Exception as e:
+                    raise _Unavailable(str(e)) from e
+                try:
                     await apply_labels(conn, labels)
+                finally:
+                    await self.pool.release(conn)
             except Exception as e:
                 if _is_db_outage(e) and not self._stop.is_set():
                     await self._wait_outage(e, delay)

@@ -208,6 +208,8 @@ class Post(Plugin):
             if thread_gate is not None:
                 gates[op.uri] = thread_gate[0]
             op.row = tuple(row)
+            # a reply later in this wave to this post sees it as indexed one event at a time
+            found[op.uri] = (r, row[_INVALID_ROOT])
         ctx.scratch["post_gates"] = gates
 
     # -- after insert: feed items, embeds, quotes, and what notifications need
