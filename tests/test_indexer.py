@@ -236,3 +236,114 @@ async def test_account_status_sets_upstream_status(db: asyncpg.Connection) -> No
     assert await db.fetchval('SELECT "upstreamStatus" FROM actor WHERE did = $1', A) == "takendown"
     await index(db, [AccountEvent(seq=2, time="2026-01-02T00:00:01.000Z", did=A, active=True)])
     assert await db.fetchval('SELECT "upstreamStatus" FROM actor WHERE did = $1', A) is None
+
+
+BLOB = {"$type": "blob", "ref": {"$link": "bafkreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"},
+        "mimeType": "image/png", "size": 10}  # fmt: skip
+LIST = uri(A, "app.bsky.graph.list", "3klist")
+T = "2026-01-01T00:00:00.000Z"
+
+# collection, rkey, record, updated record, table, (column, value after create), (column, value after update)
+TYPES: list[tuple[str, str, dict[str, Any], dict[str, Any], str | None, tuple[str, Any], tuple[str, Any]]] = [
+    ("app.bsky.graph.block", "3kb", {"subject": B, "createdAt": T}, {"subject": C, "createdAt": T},
+     "actor_block", ("subjectDid", B), ("subjectDid", C)),
+    ("app.bsky.graph.list", "3klist", {"name": "friends", "purpose": "app.bsky.graph.defs#curatelist", "createdAt": T,
+     "avatar": BLOB}, {"name": "pals", "purpose": "app.bsky.graph.defs#modlist", "createdAt": T},
+     "list", ("name", "friends"), ("purpose", "app.bsky.graph.defs#modlist")),
+    ("app.bsky.graph.listitem", "3kli", {"subject": B, "list": LIST, "createdAt": T},
+     {"subject": C, "list": LIST, "createdAt": T}, "list_item", ("subjectDid", B), ("subjectDid", C)),
+    ("app.bsky.graph.listblock", "3klb", {"subject": uri(B, "app.bsky.graph.list", "3kx"), "createdAt": T},
+     {"subject": uri(C, "app.bsky.graph.list", "3kx"), "createdAt": T}, "list_block",
+     ("subjectUri", uri(B, "app.bsky.graph.list", "3kx")), ("subjectUri", uri(C, "app.bsky.graph.list", "3kx"))),
+    ("app.bsky.feed.generator", "3kfeed", {"did": "did:web:feed.example.com", "displayName": "Feed", "createdAt": T},
+     {"did": "did:web:feed.example.com", "displayName": "Feed 2", "createdAt": T}, "feed_generator",
+     ("displayName", "Feed"), ("displayName", "Feed 2")),
+    ("app.bsky.graph.starterpack", "3ksp", {"name": "pack", "list": LIST, "createdAt": T},
+     {"name": "pack 2", "list": LIST, "createdAt": T}, "starter_pack", ("name", "pack"), ("name", "pack 2")),
+    ("app.bsky.labeler.service", "self", {"policies": {"labelValues": ["spam"]}, "createdAt": T},
+     {"policies": {"labelValues": ["spam", "rude"]}, "createdAt": "2026-01-02T00:00:00.000Z"}, "labeler",
+     ("createdAt", T), ("createdAt", "2026-01-02T00:00:00.000Z")),
+    ("app.bsky.actor.profile", "self", {"displayName": "Alice", "avatar": BLOB}, {"displayName": "Alice B"},
+     "profile", ("displayName", "Alice"), ("displayName", "Alice B")),
+    ("app.bsky.graph.verification", "3kver", {"subject": B, "handle": "b.test", "displayName": "B", "createdAt": T},
+     {"subject": B, "handle": "b2.test", "displayName": "B", "createdAt": T}, "verification",
+     ("handle", "b.test"), ("handle", "b2.test")),
+    ("chat.bsky.actor.declaration", "self", {"allowIncoming": "all"}, {"allowIncoming": "none"}, None,
+     ("", None), ("", None)),
+    ("app.bsky.notification.declaration", "self", {"allowSubscriptions": "followers"},
+     {"allowSubscriptions": "none"}, None, ("", None), ("", None)),
+    ("app.bsky.actor.status", "self", {"status": "app.bsky.actor.status#live", "createdAt": T,
+     "embed": {"$type": "app.bsky.embed.external", "external": {"uri": "https://x.example", "title": "t",
+                                                                 "description": "d"}}},
+     {"status": "app.bsky.actor.status#live", "createdAt": "2026-01-02T00:00:00.000Z"}, None, ("", None), ("", None)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("collection,rkey,record,updated,table,after_create,after_update", TYPES,
+                         ids=[t[0] for t in TYPES])  # fmt: skip
+async def test_every_record_type_create_update_delete(
+    db: asyncpg.Connection, collection: str, rkey: str, record: dict[str, Any], updated: dict[str, Any],
+    table: str | None, after_create: tuple[str, Any], after_update: tuple[str, Any],
+) -> None:  # fmt: skip
+    ev = Events()
+    u = uri(A, collection, rkey)
+    result = await index(db, [ev.create(A, collection, rkey, record)])
+    assert dict(result.skipped) == {}, result.skipped
+    assert await db.fetchval("SELECT cid <> '' FROM record WHERE uri = $1", u)
+    if table is not None:
+        row = await db.fetchrow(f'SELECT * FROM "{table}" WHERE uri = $1', u)
+        assert row is not None and row[after_create[0]] == after_create[1]
+        assert row["creator"] == A
+    await index(db, [ev.create(A, collection, rkey, updated, update=True)])
+    rec = await db.fetchrow("SELECT json FROM record WHERE uri = $1", u)
+    assert rec is not None and all(str(v) in rec["json"] or not isinstance(v, str) for v in updated.values())
+    if table is not None:
+        row = await db.fetchrow(f'SELECT * FROM "{table}" WHERE uri = $1', u)
+        assert row is not None and row[after_update[0]] == after_update[1]
+    await index(db, [ev.delete(A, collection, rkey)])
+    assert await db.fetchval("SELECT json FROM record WHERE uri = $1", u) == ""
+    if table is not None:
+        assert await db.fetchval(f'SELECT count(*) FROM "{table}" WHERE uri = $1', u) == 0
+
+
+async def test_records_each_collection_refuses(db: asyncpg.Connection) -> None:
+    ev = Events()
+    result = await index(db, [
+        # a list item in someone else's list, a gate for another author's post
+        ev.create(B, "app.bsky.graph.listitem", "3kli", {"subject": C, "list": LIST, "createdAt": T}),
+        ev.create(B, "app.bsky.feed.threadgate", "3kp", {"post": uri(A, POST, "3kp"), "createdAt": T}),
+        # a profile or labeler outside rkey "self": record kept, no row (as the TypeScript indexer)
+        ev.create(A, "app.bsky.actor.profile", "other", {"displayName": "x"}),
+    ])  # fmt: skip
+    assert dict(result.skipped) == {"listitem_foreign_list": 1, "gate_mismatch": 1}
+    assert await db.fetchval("SELECT count(*) FROM list_item") == 0
+    assert await db.fetchval("SELECT count(*) FROM thread_gate") == 0
+    assert await db.fetchval("SELECT count(*) FROM profile") == 0
+    assert await db.fetchval("SELECT count(*) FROM record") == 1
+
+
+async def test_verification_and_starter_pack_notifications(db: asyncpg.Connection) -> None:
+    ev = Events()
+    pack = uri(C, "app.bsky.graph.starterpack", "3ksp")
+    await index(db, [
+        ev.create(A, "app.bsky.graph.verification", "3kv", {"subject": B, "handle": "b.test", "displayName": "B",
+                                                            "createdAt": T}),
+        ev.create(B, "app.bsky.actor.profile", "self", {"displayName": "B",
+                                                        "joinedViaStarterPack": {"uri": pack, "cid": strong_ref(pack)["cid"]}}),
+    ])  # fmt: skip
+    await index(db, [ev.delete(A, "app.bsky.graph.verification", "3kv")])
+    notifs = [(n["did"], n["author"], n["reason"]) for n in await db.fetch("SELECT * FROM notification ORDER BY id")]
+    assert notifs == [(B, A, "verified"), (C, B, "starterpack-joined"), (B, A, "unverified")]
+
+
+async def test_mentions_replies_and_thread_mutes(db: asyncpg.Connection) -> None:
+    ev = Events()
+    root = uri(A, POST, "3kroot")
+    mention = [{"index": {"byteStart": 0, "byteEnd": 2}, "features": [{"$type": "app.bsky.richtext.facet#mention",
+                                                                          "did": C}]}]  # fmt: skip
+    await index(db, [ev.create(A, POST, "3kroot", post("root"))])
+    await db.execute('INSERT INTO thread_mute ("rootUri", "mutedByDid", "createdAt") VALUES ($1, $2, $3)', root, A, T)
+    reply = {"root": strong_ref(root), "parent": strong_ref(root)}
+    await index(db, [ev.create(B, POST, "3kr", post("hi", reply=reply, facets=mention))])
+    notifs = {(n["did"], n["reason"]) for n in await db.fetch("SELECT * FROM notification")}
+    assert notifs == {(C, "mention")}  # A muted the thread: no reply notification

@@ -78,7 +78,10 @@ class IndexerMetrics:
             "psky_indexer_batch_retries", "Batches retried, by reason", ["reason"], registry=r
         )
         self.dead_lettered = Counter(
-            "psky_indexer_dead_lettered", "Messages moved to the dead-letter stream", ["stream"], registry=r
+            "psky_indexer_dead_lettered",
+            "Messages moved to their <stream>_dlq after too many deliveries (stream: all)",
+            ["stream"],
+            registry=r,
         )
         self.malformed = Counter(
             "psky_indexer_malformed_messages", "Unparseable stream entries", ["code"], registry=r

@@ -165,7 +165,12 @@ class Indexer:
                     await labels
 
     async def _read(self, queue: asyncio.Queue[list[Message] | None]) -> None:
+        seen = 0
         async for batch in self.consumer:
+            dead = self.consumer.stats.dead_lettered  # moved to <stream>_dlq while reading
+            if dead > seen:
+                self.metrics.dead_lettered.labels("all").inc(dead - seen)
+                seen = dead
             for m in batch:
                 self.metrics.waiting.labels(**self._labels(m.stream)).inc()
             await queue.put(batch)
