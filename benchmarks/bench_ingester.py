@@ -7,10 +7,17 @@ mode (``off``, ``lenient``, ``strict``: each a separate cursor and stream) and t
 printed are frames/s and events/s into Redis, CPU of this process and its peak RSS.
 The issue's goals on one core: >= 30,000 frames/s unverified, >= 10,000 verified, <= 150 MB.
 
+``--backpressure-seconds N`` measures memory under backpressure instead: the devnet keeps
+producing live events (``--live-rate`` per second) while the ingester fills ``firehose_live``
+up to ``--high-water-mark`` and nobody consumes it, so the ingester has to stop reading the
+relay for N seconds. RSS of this process is printed every ``--sample-seconds`` with the
+max-min spread at the end (it must stay flat: bounded queues, TCP flow control holds the relay).
+
 Redis: ``REDIS_URL`` if set, else an embedded server in a temporary directory.
 
 Usage: python benchmarks/bench_ingester.py [--accounts 500] [--records 40] [--pds 2]
        [--modes off,lenient] [--profile]
+       [--backpressure-seconds N [--live-rate 200] [--high-water-mark 5000] [--sample-seconds 5]]
 """
 
 from __future__ import annotations
@@ -36,17 +43,32 @@ from psky.ops.embedded import EmbeddedServices
 from psky.streams import connect, cursor_key
 
 
-def _devnet_main(conn: Connection, n_pds: int, accounts: int, records: int) -> None:
+def _devnet_main(conn: Connection, n_pds: int, accounts: int, records: int, live_rate: float) -> None:
     async def main() -> None:
         async with Devnet(n_pds=n_pds, seed=13, labeler=False) as net:
             started = time.perf_counter()
-            await net.workload().seed(accounts=accounts, records_per_account=records, labels=0)
+            workload = net.workload()
+            await workload.seed(accounts=accounts, records_per_account=records, labels=0)
             seq = await net.settle(timeout_s=600)
             assert net.relay is not None
             conn.send((net.relay.url, net.plc.url, seq, time.perf_counter() - started))
-            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to stop
+            live = asyncio.create_task(workload.live(rate=live_rate, duration=1e9)) if live_rate > 0 else None
+            loop = asyncio.get_running_loop()
+            while (await loop.run_in_executor(None, conn.recv)) == "seq":  # until told to stop
+                conn.send(net.relay.seq)
+            if live is not None:
+                live.cancel()
 
     asyncio.run(main())
+
+
+def _rss_mb() -> float:
+    """Current (not peak) resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @contextlib.asynccontextmanager
@@ -109,16 +131,77 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
         await redis.aclose()
 
 
+async def _backpressure(url: str, relay: str, plc: str, conn: Connection, args: argparse.Namespace) -> None:
+    prefix = f"bench:{os.getpid()}:backpressure:"
+    mark = args.high_water_mark
+    config = IngesterConfig.from_env({
+        "REDIS_URL": url, "INGESTER_MODE": "firehose", "INGESTER_RELAY_HOSTS": relay, "PLC_URL": plc,
+        "INGESTER_FIREHOSE_STREAM": prefix + "firehose_live", "INGESTER_REPO_STREAM": prefix + "repo_backfill",
+        "INGESTER_VERIFY": "lenient", "INGESTER_FIREHOSE_START_CURSOR": "0", "INGESTER_METRICS_PORT": "-1",
+        "INGESTER_HIGH_WATER_MARK": str(mark),
+    })
+    redis = connect(url)
+    loop = asyncio.get_running_loop()
+
+    async def relay_seq() -> int:
+        conn.send("seq")
+        return int(await loop.run_in_executor(None, conn.recv))
+
+    key = cursor_key(config.firehose_stream, relay)
+    stop = asyncio.Event()
+    registry = CollectorRegistry()
+    task = asyncio.create_task(run_ingester(config, stop=stop, registry=registry))
+    try:
+        for _ in range(6000):  # until the stream is full (10 minutes at most)
+            if int(await redis.xlen(config.firehose_stream)) >= mark or task.done():
+                break
+            await asyncio.sleep(0.1)
+        print(f"stream at its high-water mark ({mark} entries); holding it there for "
+              f"{args.backpressure_seconds:g}s while the relay produces {args.live_rate:g} events/s")
+        started = loop.time()
+        samples: list[float] = []
+        seq0 = await relay_seq()
+        while not task.done():
+            elapsed = loop.time() - started
+            rss = _rss_mb()
+            samples.append(rss)
+            cursor = int(await redis.get(key) or 0)
+            print(f"  t={elapsed:6.1f}s  RSS {rss:7.1f} MB  stream {int(await redis.xlen(config.firehose_stream)):6d}"
+                  f"  ingester cursor {cursor:7d}  relay seq {await relay_seq():7d}", flush=True)
+            if elapsed >= args.backpressure_seconds:
+                break
+            await asyncio.sleep(min(args.sample_seconds, args.backpressure_seconds - elapsed))
+        produced = await relay_seq() - seq0
+        waits = registry.get_sample_value("ingester_backpressure", {"stream": config.firehose_stream})
+        reconnects = sum(s.value for m in registry.collect() for s in m.samples
+                         if s.name == "ingester_reconnects_total")
+        print(f"relay produced {produced} frames meanwhile; backpressure gauge {waits}; reconnects {reconnects:.0f}")
+        print(f"RSS over {len(samples)} samples: min {min(samples):.1f} MB, max {max(samples):.1f} MB, "
+              f"spread {max(samples) - min(samples):.1f} MB "
+              f"(after the first sample: {max(samples[1:] or samples) - min(samples[1:] or samples):.1f} MB)")
+    finally:
+        stop.set()
+        await task
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
 async def bench(args: argparse.Namespace) -> None:
     parent, child = multiprocessing.Pipe()
+    live_rate = args.live_rate if args.backpressure_seconds else 0.0
     proc = multiprocessing.get_context("spawn").Process(
-        target=_devnet_main, args=(child, args.pds, args.accounts, args.records), daemon=True
+        target=_devnet_main, args=(child, args.pds, args.accounts, args.records, live_rate), daemon=True
     )
     proc.start()
     try:
         relay, plc, seq, seed_s = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
         print(f"seeded {seq} relay frames in {seed_s:.1f}s (devnet in a child process)")
         async with _redis_url() as url:
+            if args.backpressure_seconds:
+                await _backpressure(url, relay, plc, parent, args)
+                return
             for mode in args.modes.split(","):
                 await _one(url, relay, plc, seq, mode.strip(), args.profile)
     finally:
@@ -133,6 +216,11 @@ def main() -> None:
     p.add_argument("--pds", type=int, default=2)
     p.add_argument("--modes", default="off,lenient")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--backpressure-seconds", type=float, default=0.0,
+                   help="hold firehose_live at its high-water mark this long and sample RSS")
+    p.add_argument("--live-rate", type=float, default=200.0, help="live events/s the devnet produces meanwhile")
+    p.add_argument("--high-water-mark", type=int, default=5000)
+    p.add_argument("--sample-seconds", type=float, default=5.0)
     asyncio.run(bench(p.parse_args()))
 
 

@@ -150,6 +150,60 @@ def test_collection_filter_and_hosts() -> None:
     assert normalize_host("wss://r.example/") == "wss://r.example"
 
 
+async def test_cancel_and_wait_outlasts_a_swallowed_cancellation() -> None:
+    """A task that loses one cancellation (as CPython 3.11's wait_for can make it) is still
+    stopped, and a cancellation of the caller is never absorbed."""
+    from psky._aio import cancel_and_wait, wait_bounded
+
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # lost, as inside redis-py's send path; the task goes on
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task, recancel_s=0.05)
+    assert swallowed.is_set() and task.cancelled()
+
+    async def failing() -> None:
+        raise ValueError("boom")
+
+    failed = asyncio.create_task(failing())
+    await asyncio.sleep(0)  # it ran and failed before the cancel
+    with pytest.raises(ValueError, match="boom"):
+        await cancel_and_wait(failed)
+
+    # the caller's own cancellation propagates while it waits for a task that ignores its own
+    ignored = asyncio.Event()
+    deaf_until = asyncio.Event()
+
+    async def deaf() -> None:
+        while not deaf_until.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                ignored.set()
+
+    inner = asyncio.create_task(deaf())
+    outer = asyncio.create_task(cancel_and_wait(inner, recancel_s=0.05))
+    await ignored.wait()
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    assert not inner.done()
+    deaf_until.set()
+    await cancel_and_wait(inner)  # listens now
+    assert inner.done()
+
+    with pytest.raises(TimeoutError):
+        await wait_bounded(asyncio.sleep(3600), 0.05)
+    assert await wait_bounded(asyncio.sleep(0, result=7), 30) == 7
+
+
 # --- firehose -----------------------------------------------------------------------------
 
 
@@ -225,6 +279,49 @@ async def test_collection_filter_counts(seeded_devnet: SeededDevnet, redis_url: 
     assert apply_events(events) == likes
 
 
+async def test_unverified_path_equals_process_commit(seeded_devnet: SeededDevnet) -> None:
+    """The verify=off fast path gives the events and reasons ``process_commit`` gives (with
+    the checks "off" skips), on every commit of the relay, and on damaged copies."""
+    import dataclasses
+
+    import aiohttp
+
+    from psky.atproto.firehose import CommitEvent, decode_frame, process_commit, to_stream_events
+    from psky.ingester._unverified import process_commit_unverified
+
+    net = seeded_devnet.net
+    assert net.relay is not None
+    url = net.relay.url.replace("http://", "ws://") + "/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
+    commits: list[CommitEvent] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        seen = 0
+        while seen < net.relay.seq:
+            frame = decode_frame((await ws.receive()).data)
+            seen = max(seen, getattr(frame, "seq", 0) or 0)
+            if isinstance(frame, CommitEvent):
+                commits.append(frame)
+    assert len(commits) > 100
+    damaged = []
+    for i, ev in enumerate(commits[:60]):
+        blocks = bytearray(ev.blocks)
+        if i % 3 == 0:
+            blocks = blocks[: len(blocks) - 5]  # truncated: a record block goes missing
+        elif i % 3 == 1:
+            blocks[-3] ^= 0xFF  # a record's bytes changed
+        else:
+            blocks = blocks[:1]  # header cut
+        damaged.append(dataclasses.replace(ev, blocks=bytes(blocks)))
+    for ev in commits + damaged:
+        want = process_commit(ev, signing_key=None, check_proof=False, verify_blocks=False)
+        got = process_commit_unverified(ev)
+        assert to_stream_events(got, ev) == to_stream_events(want, ev)
+        assert set(got.reasons) <= set(want.reasons)
+        assert _DATA_LOSS_OR_OP_REASONS.isdisjoint(want.reasons) or got.reasons == want.reasons
+
+
+_DATA_LOSS_OR_OP_REASONS = frozenset({"bad-car", "missing-block", "bad-record", "invalid-op", "invalid-path"})
+
+
 async def test_listrepos_enumeration(seeded_devnet: SeededDevnet, redis_url: str, redis_prefix: str,
                                      redis: aioredis.Redis) -> None:
     net = seeded_devnet.net
@@ -266,6 +363,107 @@ async def test_labels_reach_label_live(seeded_devnet: SeededDevnet, redis_url: s
     assert labels == issued  # the labeler compacts superseded labels; the current ones all arrive
     assert metrics.total("labeler_ingester_verification_failures_total") == 0
     assert metrics.total("labeler_ingester_stream_events_total") == len(issued)
+
+
+async def test_health_and_metrics_over_http(seeded_devnet: SeededDevnet, redis_url: str, redis_prefix: str,
+                                           redis: aioredis.Redis) -> None:
+    """The TypeScript and rsky metric names, scraped from the running service's own server."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    net = seeded_devnet.net
+    assert net.relay is not None and net.labeler is not None
+    config = make_config(redis_url, redis_prefix, net, INGESTER_MODE="all", INGESTER_METRICS_PORT="0",
+                         INGESTER_METRICS_HOST="127.0.0.1", INGESTER_COLLECTIONS="app.bsky.feed.like")
+    ports: list[int] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_ingester(config, stop=stop, registry=CollectorRegistry(),
+                                            on_listening=ports.append))
+    try:
+        async def listening() -> bool:
+            return bool(ports)
+
+        await wait_for(listening, 30, "the metrics server")
+        base = f"http://127.0.0.1:{ports[0]}"
+        await wait_cursor(redis, cursor_key(config.firehose_stream, net.relay.url), net.relay.seq)
+        await wait_cursor(redis, cursor_key(config.label_stream, net.labeler.url), net.labeler.seq)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/health") as resp:
+                assert resp.status == 200
+                health = await resp.json()
+            assert health["status"] == "ok" and health["tasks"] == 3 and health["dead"] == []
+            samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+            async def scraped() -> bool:
+                async with http.get(base + "/metrics") as resp:
+                    assert resp.status == 200
+                    body = await resp.text()
+                samples.clear()
+                for family in text_string_to_metric_families(body):
+                    for sample in family.samples:
+                        samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+                return (total("labeler_ingester_stream_events_total") > 0
+                        and total("ingester_repos_enumerated_total") > 0
+                        and total("firehose_ingester_incoming_events_total") >= net.relay.seq)
+
+            def total(name: str, **labels: str) -> float:
+                return sum(v for (n, ls), v in samples.items()
+                           if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+            await wait_for(scraped, 30, "every source's metrics")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    relay, labeler = net.relay.url, net.labeler.url
+    assert total("firehose_ingester_incoming_events_total", host=relay) >= net.relay.seq
+    assert total("firehose_ingester_stream_events_total", host=relay, type="create") > 0
+    assert total("firehose_ingester_stream_events_total", host=relay, type="account") > 0
+    assert total("ingester_firehose_filtered_operations_total", host=relay) > 0
+    assert total("labeler_ingester_incoming_events_total", host=labeler) > 0
+    assert total("labeler_ingester_stream_events_total", host=labeler) > 0
+    assert total("labeler_ingester_verification_failures_total") == 0
+    assert total("ingester_repos_enumerated_total", host=relay) > 0
+
+
+async def test_listrepos_failing_cursor_is_skipped_and_rechecked(make_devnet: MakeDevnet, redis_url: str,
+                                                                 redis_prefix: str, redis: aioredis.Redis) -> None:
+    """A relay answering 500 for every page holding one account: smaller pages get the repos
+    before it, the cursor in front of it is given up (counted, kept in a set), enumeration
+    skips that one account and finishes; once the relay is healed, the re-check queues it."""
+    async with make_devnet(n_pds=1, seed=17) as net:
+        workload = net.workload()
+        await workload.seed(accounts=9, records_per_account=1, labels=0)
+        await net.settle()
+        assert net.relay is not None
+        order = [acc.did for acc in net.relay.accounts()]
+        bad = order[4]
+        net.faults.list_repos_500_dids = frozenset({bad})
+        config = make_config(redis_url, redis_prefix, net, INGESTER_MODE="backfill", INGESTER_REPOS_PAGE_SIZE="4",
+                             INGESTER_REPOS_PAGE_ATTEMPTS="2", INGESTER_REPOS_RECHECK_S="0.2")
+        key = cursor_key(config.repo_stream, net.relay.url)
+        given_up = key + ":given-up"
+
+        async def dids() -> list[str]:
+            return [parse_backfill_request(f).did for _, f in await xrange_all(redis, config.repo_stream)]
+
+        async def done() -> bool:
+            return await redis.get(key) == CURSOR_DONE.encode()
+
+        async with running(config) as metrics:
+            await wait_for(done, 60, "listRepos done marker")
+            assert set(await dids()) == set(order) - {bad}
+            assert metrics.total("ingester_repos_cursor_given_up_total") == 1
+            assert await redis.smembers(given_up) == {b"4"}  # the cursor in front of the bad account
+            assert metrics.total("ingester_repos_enumeration_errors_total") > 0
+
+            net.faults.list_repos_500_dids = frozenset()
+
+            async def recovered() -> bool:
+                return not await redis.exists(given_up)
+
+            await wait_for(recovered, 30, "the given-up cursor to be re-checked")
+        got = await dids()
+        assert sorted(got) == sorted(order)  # every account exactly once
 
 
 # --- faults ------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from libipld import encode_cid
+
 from psky.atproto import cbor
 from psky.atproto.car import CarError, read_car
 from psky.atproto.cbor import CID
@@ -637,14 +639,21 @@ def _check_key(key: str | PublicKey) -> PublicKey:
 
 
 def process_commit(
-    ev: CommitEvent, *, signing_key: str | PublicKey | None = None, check_proof: bool = True
+    ev: CommitEvent,
+    *,
+    signing_key: str | PublicKey | None = None,
+    check_proof: bool = True,
+    verify_blocks: bool = True,
 ) -> CommitResult:
-    """Verify a ``#commit`` and extract its record operations (never raises on bad content)."""
+    """Verify a ``#commit`` and extract its record operations (never raises on bad content).
+
+    ``verify_blocks=False`` skips hashing the blocks against their CIDs (most of the cost
+    when neither signature nor proof is checked: a caller trusting the relay)."""
     res = CommitResult(ev.seq, ev.repo, ev.rev, ev.commit)
     if len(ev.blocks) > MAX_COMMIT_BLOCKS_BYTES or len(ev.ops) > MAX_OPS:
         res._fail("too-big", f"commit exceeds limits ({len(ev.blocks)} block bytes, {len(ev.ops)} ops)")
     try:
-        car = read_car(ev.blocks, verify=True)
+        car = read_car(ev.blocks, verify=verify_blocks)
     except (CarError, ValueError) as e:
         res._fail("bad-car", f"blocks: {e}")
         return res
@@ -847,7 +856,7 @@ def to_stream_events(result: CommitResult | None, ev: Frame) -> list[dict[str, A
     if isinstance(ev, CommitEvent):
         if result is None:
             raise ValueError("a #commit needs its process_commit result")
-        commit = ev.commit.encode()
+        commit = encode_cid(ev.commit.cid_bytes)  # libipld: ~20x cbrrr's CID.encode, same text
         out: list[dict[str, Any]] = []
         for op in result.ops:
             if op.action == "delete":
@@ -869,7 +878,7 @@ def to_stream_events(result: CommitResult | None, ev: Frame) -> list[dict[str, A
                     {
                         "type": op.action,
                         "record": op.record,
-                        "cid": op.cid.encode(),
+                        "cid": encode_cid(op.cid.cid_bytes),
                         "seq": ev.seq,
                         "time": ev.time,
                         "did": ev.repo,

@@ -66,6 +66,9 @@ class Faults:
     #: delay every HTTP response by this many milliseconds
     slow_response_ms: int = 0
 
+    #: listRepos pages that would include one of these DIDs answer 500 (relay; a broken account row)
+    list_repos_500_dids: frozenset[str] = frozenset()
+
     # --- getRepo CARs (PDS) ---
     #: cut served repo CARs short in the middle of a block
     car_truncate: bool = False
@@ -109,6 +112,8 @@ class Faults:
         self._rng = random.Random(self.seed)
         if isinstance(self.private_address_dids, set | list | tuple):
             self.private_address_dids = frozenset(self.private_address_dids)
+        if not isinstance(self.list_repos_500_dids, frozenset):
+            self.list_repos_500_dids = frozenset(self.list_repos_500_dids)
         if not isinstance(self.only_hosts, frozenset):
             self.only_hosts = frozenset(self.only_hosts)
 
@@ -255,6 +260,11 @@ def _parse_value(name: str, kind: Any, text: str | None) -> Any:
         return dids
     if name == "only_hosts":
         return frozenset(h.strip().lower() for h in text.split("|") if h.strip())
+    if kind == frozenset[str]:
+        dids = frozenset(d.strip() for d in text.split("|") if d.strip())
+        if any(not d.startswith("did:") for d in dids):
+            raise ValueError(f"fault knob {name!r} wants DIDs separated by '|', got {text!r}")
+        return dids
     if kind == (bool | float):
         if lowered in _TRUE:
             return True

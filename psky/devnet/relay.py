@@ -595,6 +595,9 @@ class Relay:
                 repos.append(view)
                 if len(repos) >= limit:
                     break
+        failing = self.faults.list_repos_500_dids if self.faults is not None else frozenset()
+        if failing and any(r["did"] in failing for r in repos):
+            return json_response({"error": "InternalServerError", "message": "injected fault"}, status=500)
         out: dict[str, Any] = {"repos": repos}
         if len(repos) >= limit and last < len(self._by_uid):
             out["cursor"] = str(last)

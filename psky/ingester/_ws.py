@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+
+from psky._aio import cancel_and_wait
 
 __all__ = ["read_websocket", "reconnect_forever"]
 
@@ -71,9 +72,7 @@ async def read_websocket(
                     else:  # text frames are not part of the protocol
                         await on_frame(b"")
             finally:
-                timer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await timer
+                await cancel_and_wait(timer)
     except (aiohttp.ClientError, OSError, TimeoutError) as e:
         log.warning("connection failed", extra={"url": url, "error": str(e) or type(e).__name__})
         return "connect-error"

@@ -91,7 +91,7 @@ class IngesterConfig:
     batch_size: int = 500  # INGESTER_BATCH_SIZE
     batch_timeout_ms: int = 100  # INGESTER_BATCH_TIMEOUT_MS
     collections: tuple[str, ...] = DEFAULT_COLLECTIONS  # INGESTER_COLLECTIONS (comma list)
-    verify: str = "lenient"  # INGESTER_VERIFY: off | lenient | strict
+    verify: str = "lenient"  # INGESTER_VERIFY: off (trust the relay: no checks at all) | lenient | strict
     metrics_port: int = 9090  # INGESTER_METRICS_PORT | METRICS_PORT (0 = free port, -1 = none)
     metrics_host: str = "0.0.0.0"  # INGESTER_METRICS_HOST
     log_level: str = "info"  # LOG_LEVEL | RUST_LOG
@@ -107,6 +107,9 @@ class IngesterConfig:
     max_frame_bytes: int = 5_000_000  # INGESTER_MAX_FRAME_BYTES
     repos_page_size: int = 1000  # INGESTER_REPOS_PAGE_SIZE (listRepos limit)
     repos_recheck_s: float = 60.0  # INGESTER_REPOS_RECHECK_S: done-marker re-check interval
+    # INGESTER_REPOS_PAGE_ATTEMPTS: tries of one listRepos page at each page size before a
+    # smaller one (then the cursor is given up; see psky.ingester.repos)
+    repos_page_attempts: int = 4
     repo_state_cache: int = 200_000  # INGESTER_REPO_STATE_CACHE: repos kept in memory
 
     @classmethod
@@ -170,5 +173,6 @@ class IngesterConfig:
             max_frame_bytes=env_int("INGESTER_MAX_FRAME_BYTES", 5_000_000, e, minimum=1024),
             repos_page_size=env_int("INGESTER_REPOS_PAGE_SIZE", 1000, e, minimum=1, maximum=1000),
             repos_recheck_s=env_float("INGESTER_REPOS_RECHECK_S", 60.0, e, minimum=0.01),
+            repos_page_attempts=env_int("INGESTER_REPOS_PAGE_ATTEMPTS", 4, e, minimum=1, maximum=100),
             repo_state_cache=env_int("INGESTER_REPO_STATE_CACHE", 200_000, e, minimum=1),
         )

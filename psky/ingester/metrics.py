@@ -10,7 +10,7 @@ psky's own: ``ingester_firehose_frames_total{type}``, ``ingester_bad_frames_tota
 ``ingester_outdated_cursor_total``, ``ingester_error_frames_total{error}``,
 ``ingester_reconnects_total{reason}``, ``ingester_firehose_lag_seconds``,
 ``ingester_firehose_cursor``, ``ingester_repos_enumerated_total``,
-``ingester_repos_enumeration_errors_total``, ``ingester_stream_length{stream}``,
+``ingester_repos_enumeration_errors_total``, ``ingester_repos_cursor_given_up_total``, ``ingester_stream_length{stream}``,
 ``ingester_backpressure{stream}`` (1 while waiting at the high-water mark) and
 ``ingester_backpressure_seconds_total{stream}``,
 ``ingester_stream_write_retries_total{stream}`` (Redis down or full). Per-source metrics carry a ``host`` label.
@@ -52,6 +52,9 @@ class IngesterMetrics:
         self.cursor = Gauge("ingester_firehose_cursor", "Last seq processed", ["host"], registry=r)
         self.repos = Counter("ingester_repos_enumerated", "listRepos entries queued", ["host"], registry=r)
         self.repos_errors = Counter("ingester_repos_enumeration_errors", "listRepos failures", ["host"], registry=r)
+        self.repos_given_up = Counter(
+            "ingester_repos_cursor_given_up", "listRepos cursors given up after every retry", ["host"], registry=r
+        )
         self.label_incoming = Counter(
             "labeler_ingester_incoming_events", "Frames read from a labeler", ["host"], registry=r
         )

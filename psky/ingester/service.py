@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from psky._aio import cancel_and_wait, wait_bounded
 from psky.identity import IdentityResolver
 from psky.ingester.config import IngesterConfig
 from psky.ingester.firehose import FirehoseIngester
@@ -39,10 +41,15 @@ class _Task(Protocol):
 
 
 async def run_ingester(
-    config: IngesterConfig, *, stop: asyncio.Event, registry: CollectorRegistry | None = None
+    config: IngesterConfig,
+    *,
+    stop: asyncio.Event,
+    registry: CollectorRegistry | None = None,
+    on_listening: Callable[[int], None] | None = None,
 ) -> None:
     """Run until *stop* is set. ``registry`` lets an embedding process (or a test) read the
-    metrics; by default a private one is served on ``metrics_port`` (-1: not served)."""
+    metrics; by default a private one is served on ``metrics_port`` (-1: not served;
+    0: a free port, passed to ``on_listening``)."""
     metrics = IngesterMetrics(registry)
     redis = connect(config.redis_url)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
@@ -67,10 +74,13 @@ async def run_ingester(
     if config.metrics_port >= 0:
         server = MetricsServer(metrics.registry, health=health)
         await server.start(config.metrics_host, config.metrics_port)
+        log.info("ingester metrics served", extra={"host": config.metrics_host, "port": server.port})
+        if on_listening is not None:
+            on_listening(server.port)
     sampling = _Sampler(tasks, metrics)
     sampler = asyncio.create_task(sampling.run())
+    stopper = asyncio.create_task(stop.wait())
     try:
-        stopper = asyncio.create_task(stop.wait())
         pending: set[asyncio.Task[Any]] = {stopper, *running}
         while not stop.is_set():
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -83,23 +93,30 @@ async def run_ingester(
                 await stopper
     finally:
         log.info("ingester stopping")
-        for r in [*running, sampler]:
-            r.cancel()
-        for r in [*running, sampler]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await r
-        for t in tasks:
-            try:
-                await asyncio.wait_for(t.close(), CLOSE_TIMEOUT_S)
-            except Exception as e:
-                log.error("final flush failed; the stored cursor still covers only written events",
-                          extra={"stream": t.writer.stream, "error": str(e) or type(e).__name__})
-        sampling.sample()
-        if server is not None:
-            await server.stop()
-        await resolver.close()
-        await session.close()
-        await redis.aclose()
+        try:
+            await _stop_tasks([*running, sampler, stopper])
+            for t in tasks:
+                try:
+                    await wait_bounded(t.close(), CLOSE_TIMEOUT_S)
+                except Exception as e:
+                    log.error("final flush failed; the stored cursor still covers only written events",
+                              extra={"stream": t.writer.stream, "error": str(e) or type(e).__name__})
+            sampling.sample()
+        finally:  # also when the caller cancels the stop itself: release sockets
+            if server is not None:
+                await server.stop()
+            await resolver.close()
+            await session.close()
+            await redis.aclose()
+
+
+async def _stop_tasks(running: list[asyncio.Task[Any]]) -> None:
+    """Cancel every task, then wait for each (a failure was already reported by the loop)."""
+    for r in running:
+        r.cancel()
+    for r in running:
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(r)
 
 
 class _Sampler:

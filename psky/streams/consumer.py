@@ -53,6 +53,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from psky._aio import cancel_and_wait
 from psky.streams._redis import (
     NEVER_DECODE,
     Backoff,
@@ -440,9 +441,8 @@ class StreamConsumer:
         if not read.done():
             # Stopping: abandon the blocked read. Anything Redis delivered to it meanwhile
             # stays pending under this consumer and is read again on restart.
-            read.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await read
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(read)
             return []
         out: list[Message] = []
         for stream, entries in _by_stream(read.result()).items():

@@ -19,7 +19,6 @@ written is ever covered by a stored cursor, so a crash loses nothing the source 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Self
 
 import redis.asyncio as aioredis
 
+from psky._aio import cancel_and_wait
 from psky.streams._redis import Backoff, LuaScript, command, is_transient, raw_client
 
 __all__ = ["StreamWriter", "WriterStats"]
@@ -166,8 +166,15 @@ class StreamWriter:
     async def add_many(
         self, entries: Iterable[Mapping[str, FieldValue]], *, stream: str | None = None
     ) -> None:
+        """:meth:`add` for each entry, without a coroutine call per entry."""
+        key = stream or self.stream
+        size = self.batch_size
         for fields in entries:
-            await self.add(fields, stream=stream)
+            self._buffer.append((key, fields))
+            if self._first_at is None:
+                self._first_at = time.monotonic()
+            if len(self._buffer) >= size:
+                await self.flush()
 
     def set_cursor_after(self, key: str, value: str | int) -> None:
         """Store ``key = value`` once every entry added so far is written (in the same
@@ -179,16 +186,17 @@ class StreamWriter:
 
     # -- writing
 
-    async def flush(self) -> None:
+    async def flush(self, *, wait_for_room: bool = True) -> None:
         """Write everything buffered now (no-op when empty). On a non-retried error the
-        batch goes back to the front of the buffer and the error propagates."""
+        batch goes back to the front of the buffer and the error propagates.
+        ``wait_for_room=False`` writes even at the high-water mark (the final flush)."""
         async with self._lock:
             if not self._buffer and not self._cursors:
                 return
             batch, cursors = self._buffer, self._cursors
             self._buffer, self._cursors, self._first_at = [], {}, None
             try:
-                await self._write(batch, cursors)
+                await self._write(batch, cursors, wait_for_room)
             except BaseException:
                 self._buffer = batch + self._buffer
                 self._cursors = {**cursors, **self._cursors}
@@ -197,12 +205,13 @@ class StreamWriter:
                 raise
 
     async def _write(
-        self, batch: list[tuple[str, Mapping[str, FieldValue]]], cursors: dict[str, str]
+        self, batch: list[tuple[str, Mapping[str, FieldValue]]], cursors: dict[str, str], wait_for_room: bool
     ) -> None:
         keys, args = self._script_arguments(batch, cursors)
         backoff = Backoff(0.05, 5.0)
         while True:
-            await self.wait_below_high_water_mark()
+            if wait_for_room:
+                await self.wait_below_high_water_mark()
             try:
                 reply = await _WRITE_SCRIPT(self._raw, keys, args)
             except Exception as e:
@@ -322,13 +331,12 @@ class StreamWriter:
             self._timer = asyncio.get_running_loop().create_task(self._tick(), name=f"flush:{self.stream}")
 
     async def close(self) -> None:
-        """Stop the timer and write what is buffered."""
+        """Stop the timer and write what is buffered, even at the high-water mark (one batch
+        past it at most), so a stop under backpressure still saves the cursor at once."""
         if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+            await cancel_and_wait(self._timer)
             self._timer = None
-        await self.flush()
+        await self.flush(wait_for_room=False)
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -338,7 +346,5 @@ class StreamWriter:
         if exc_type is None:
             await self.close()
         elif self._timer is not None:  # failing: do not block on Redis, just stop the timer
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+            await cancel_and_wait(self._timer)
             self._timer = None
