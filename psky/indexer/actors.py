@@ -30,6 +30,8 @@ log = logging.getLogger("psky.indexer")
 
 PROFILE = "app.bsky.actor.profile"
 REINDEX_AFTER = timedelta(days=1)
+#: ``indexedAt`` of an actor row created by an account event before its handle was indexed
+NEVER_INDEXED = "1970-01-01T00:00:00.000Z"
 REINDEX_INVALID_AFTER = timedelta(hours=1)
 DID_CACHE_TTL_S = 3600
 
@@ -189,7 +191,7 @@ class Actors:
             'INSERT INTO actor (did, "indexedAt", "upstreamStatus") VALUES ($1, $2, $3)'
             ' ON CONFLICT (did) DO UPDATE SET "upstreamStatus" = excluded."upstreamStatus"',
             e.did,
-            e.time,
+            NEVER_INDEXED,  # no handle indexed yet: any resolution is newer, and one is due
             status,
         )
 
