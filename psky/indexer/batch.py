@@ -1,26 +1,34 @@
 """Set-wise indexing of a batch of stream events in one transaction.
 
-A batch is cut into *waves*: consecutive events in stream order such that no event in a wave
+The batch first locks the ``record`` rows it touches, in URI order (a URI not indexed yet
+gets a placeholder with the empty rev), so that concurrent batches sharing records wait for
+each other instead of deadlocking; records of accounts deleted earlier are skipped.
+
+Then it is cut into *waves*: consecutive events in stream order such that no event in a wave
 reads or writes what another one in the same wave writes (its record URI, its duplicate key,
-the posts and gates a reply reads, ...). Inside a wave order does not matter, so every step is
-one statement per table for the whole wave:
+the posts and gates a reply reads, ...). Two creates with one duplicate key may share a wave
+(the first inserted wins, as one at a time), and a reply may read a post created earlier in
+its wave (handed over in memory). Inside a wave order does not matter otherwise, so every
+step is one statement per table for the whole wave:
 
 1. ``record`` upsert with the rev guard (an older rev never overwrites a newer one, and the
    same rev and CID again is a no-op, so redeliveries change nothing; a delete leaves a
-   tombstone, so a stale create arriving later is refused too);
+   tombstone, so a stale create arriving later is refused too; a create that finds an older
+   version replaces it like an update);
 2. rows of deleted and updated records removed (``DELETE … RETURNING``), their side tables,
-   duplicates promoted when the original is deleted;
+   the earliest duplicate promoted when the original is deleted or changes subject;
 3. new rows inserted (``INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING``) in
-   stream order, so the first of two duplicates wins as it would one event at a time; the
-   others go to ``duplicate_record``;
-4. notifications deleted and inserted (thread mutes applied), aggregates changed by the
-   deltas of the rows actually inserted and deleted (exact without a COUNT per event;
-   quote counts are recounted for the touched subjects, as the TypeScript indexer defines
-   them), ``actor_sync`` advanced to the highest rev seen.
+   stream order; the refused ones are filed in ``duplicate_record`` under their holder,
+   whose row is locked so that a concurrent delete of it cannot miss them;
+4. notifications deleted and inserted (thread mutes applied), quote counts recounted (the
+   TypeScript indexer's definition).
 
-The result equals applying the events one at a time in order (the property tests check
-this). Events that read a thread gate with follower/list rules, and account/identity events,
-run as waves of their own.
+At the end of the batch the aggregates change by the deltas of the rows actually inserted and
+deleted (exact without a COUNT per event), in key order, and ``actor_sync`` advances to the
+highest rev seen. The result equals applying the events one at a time in order (the property
+tests check this). Replies to a thread gated by follower/list rules and account/identity
+events run as waves of their own. Deadlocks and serialization failures are left to the
+caller, which retries the batch: ``apply_batch`` can run again on the same items.
 """
 
 from __future__ import annotations
