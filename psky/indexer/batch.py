@@ -799,8 +799,15 @@ async def apply_batch(
         if item.skipped is not None:
             result.skipped[item.skipped] += 1
     async with conn.transaction():
-        gone = await _skip_deleted_accounts(conn, items, result)
         fresh = await _lock_records(conn, items)
+        # after the lock: a deletion committed while this batch waited for it is seen
+        gone = await _skip_deleted_accounts(conn, items, result)
+        if gone:
+            dropped = sorted(
+                item.op.uri for item in items if item.op is not None and item.skipped == "account_deleted"
+            )
+            await conn.execute("DELETE FROM record WHERE uri = ANY($1::text[]) AND rev = ''", dropped)
+            fresh.difference_update(dropped)
         await _read_prior_keys(conn, items)
         waves = _plan(items, await _gated_roots(conn, items))
         totals = Totals(conn, fresh)
