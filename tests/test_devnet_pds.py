@@ -408,7 +408,9 @@ async def test_list_repos_pagination_and_statuses(pds: Pds, http: aiohttp.Client
         cursor = body["cursor"]
     assert pages == 3
     by_did = {r["did"]: r for r in seen}
-    assert [r["did"] for r in seen] == [a.did for a in accts if a.did != accts[3].did]
+    # listed by (creation time in ms, DID): accounts made within one millisecond by DID
+    listed = sorted(accts, key=lambda a: (a.created_ms, a.did))
+    assert [r["did"] for r in seen] == [a.did for a in listed if a.did != accts[3].did]
     for acct in (accts[0], accts[1], accts[2], accts[4]):
         item = by_did[acct.did]
         assert item["head"] == acct.head.encode() and item["rev"] == acct.rev
