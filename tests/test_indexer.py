@@ -347,3 +347,23 @@ async def test_mentions_replies_and_thread_mutes(db: asyncpg.Connection) -> None
     await index(db, [ev.create(B, POST, "3kr", post("hi", reply=reply, facets=mention))])
     notifs = {(n["did"], n["reason"]) for n in await db.fetch("SELECT * FROM notification")}
     assert notifs == {(C, "mention")}  # A muted the thread: no reply notification
+
+
+async def test_hostile_text_is_stored_not_executed(db: asyncpg.Connection) -> None:
+    """SQL metacharacters, NUL (which PostgreSQL text and jsonb cannot hold) and odd Unicode in
+    every text field: indexed, nothing executed, the record's JSON kept whole."""
+    ev = Events()
+    nasty = "x'); DROP TABLE post; -- \\\\ \" $1 %s \u0000 \U0001f600 \u202e"
+    events = [
+        ev.create(A, POST, "3kp1", post(nasty, tags=[nasty[:60]], langs=["en"])),
+        ev.create(A, "app.bsky.actor.profile", "self", {"displayName": nasty[:60], "description": nasty}),
+        ev.create(A, "app.bsky.graph.list", "3kl", {"name": nasty[:60], "purpose": "app.bsky.graph.defs#curatelist",
+                                                    "description": nasty, "createdAt": T}),
+    ]  # fmt: skip
+    result = await index(db, events)
+    assert dict(result.skipped) == {}
+    text = await db.fetchval("SELECT text FROM post WHERE uri = $1", uri(A, POST, "3kp1"))
+    assert text == nasty.replace("\u0000", "")
+    assert await db.fetchval("SELECT count(*) FROM post") == 1
+    stored = await db.fetchval("SELECT json FROM record WHERE uri = $1", uri(A, POST, "3kp1"))
+    assert "\\u0000" in stored  # escaped in the JSON text, so the record itself is intact
