@@ -30,14 +30,8 @@ def _facets(value: Any) -> str | None:
     return orjson.dumps(value).decode() if value is not None else None
 
 
-class Follow(Plugin):
-    collection = "app.bsky.graph.follow"
-    table = "follow"
-    columns = (
-        ("uri", "text"), ("cid", "text"), ("creator", "text"), ("subjectDid", "text"),
-        ("createdAt", "text"), ("indexedAt", "text"),
-    )  # fmt: skip
-    unique = ("creator", "subjectDid")
+class _Subject(Plugin):
+    """A record about one other account or list (``subject``), one per creator and subject."""
 
     def row(self, op: RecordOp) -> tuple[Any, ...] | None:
         r = op.record or {}
@@ -53,6 +47,19 @@ class Follow(Plugin):
     def dup_key(self, did: str, record: Mapping[str, Any]) -> tuple[str, ...] | None:
         subject = _text(record.get("subject"))
         return (did, subject) if subject else None
+
+
+_DID_SUBJECT = (
+    ("uri", "text"), ("cid", "text"), ("creator", "text"), ("subjectDid", "text"),
+    ("createdAt", "text"), ("indexedAt", "text"),
+)  # fmt: skip
+
+
+class Follow(_Subject):
+    collection = "app.bsky.graph.follow"
+    table = "follow"
+    columns = _DID_SUBJECT
+    unique = ("creator", "subjectDid")
 
     def agg_keys(self, row: Mapping[str, Any]) -> Sequence[AggKey]:
         return (
@@ -76,26 +83,11 @@ class Follow(Plugin):
         return (f"follow:{did}:{subject}",) if subject else (f"follow:{did}:*",)
 
 
-class Block(Plugin):
+class Block(_Subject):
     collection = "app.bsky.graph.block"
     table = "actor_block"
-    columns = Follow.columns
+    columns = _DID_SUBJECT
     unique = ("creator", "subjectDid")
-
-    def row(self, op: RecordOp) -> tuple[Any, ...] | None:
-        r = op.record or {}
-        return (
-            op.uri,
-            op.cid,
-            op.did,
-            r.get("subject"),
-            normalize_datetime(r.get("createdAt")),
-            op.indexed_at,
-        )
-
-    def dup_key(self, did: str, record: Mapping[str, Any]) -> tuple[str, ...] | None:
-        subject = _text(record.get("subject"))
-        return (did, subject) if subject else None
 
 
 class List(Plugin):
@@ -149,7 +141,7 @@ class ListItem(Plugin):
         return (f"list:{list_uri}",) if list_uri else (f"list:{did}:*",)
 
 
-class ListBlock(Plugin):
+class ListBlock(_Subject):
     collection = "app.bsky.graph.listblock"
     table = "list_block"
     columns = (
@@ -157,21 +149,6 @@ class ListBlock(Plugin):
         ("createdAt", "text"), ("indexedAt", "text"),
     )  # fmt: skip
     unique = ("creator", "subjectUri")
-
-    def row(self, op: RecordOp) -> tuple[Any, ...] | None:
-        r = op.record or {}
-        return (
-            op.uri,
-            op.cid,
-            op.did,
-            r.get("subject"),
-            normalize_datetime(r.get("createdAt")),
-            op.indexed_at,
-        )
-
-    def dup_key(self, did: str, record: Mapping[str, Any]) -> tuple[str, ...] | None:
-        subject = _text(record.get("subject"))
-        return (did, subject) if subject else None
 
 
 class StarterPack(Plugin):
