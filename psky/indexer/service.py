@@ -226,10 +226,15 @@ class Indexer:
         if not parsed:
             return
         items = prepare_items(((e, m.stream in self._notify) for m, e in parsed), self.lexicons)
+        resolved, failures = self.actors.resolved, self.actors.failures
         try:
             await self.actors.resolve(self.pool, items)
         except Exception as e:  # handles are re-checked later; never block records on them
             log.warning("handle resolution step failed", extra={"error": str(e)})
+        if self.actors.resolved > resolved:
+            self.metrics.handles.labels("resolved").inc(self.actors.resolved - resolved)
+        if self.actors.failures > failures:
+            self.metrics.handles.labels("failed").inc(self.actors.failures - failures)
         try:
             result: BatchResult | None = await self._apply(items)
         except _Rejected:
