@@ -1,4 +1,5 @@
-"""Structured logging: one line per event, JSON (`LOG_FORMAT=json`) or logfmt-like text.
+"""Structured logging: one line per event, logfmt-like text on a terminal and JSON lines
+otherwise (containers, files, pipes); ``LOG_FORMAT=text|json`` chooses explicitly.
 
 The level comes from `LOG_LEVEL`, or `RUST_LOG` as the seed's deployments set it
 (`info`, `debug`, or a filter such as `rsky_indexer=debug,info`: the bare level wins).
@@ -76,9 +77,16 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
+
+
 def configure(env: Mapping[str, str] = os.environ, *, level: int | None = None) -> None:
     """Install the root handler once per process (stderr)."""
-    fmt = env.get("LOG_FORMAT", "text").lower()
+    fmt = (env.get("LOG_FORMAT") or ("text" if _isatty(sys.stderr) else "json")).lower()
     if fmt not in ("text", "json"):
         raise LogConfigError(f"LOG_FORMAT: expected text or json, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)

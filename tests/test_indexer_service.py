@@ -243,7 +243,7 @@ async def _count(db_url: str, table: str, n: int) -> bool:
 async def test_the_command_serves_metrics_and_drains_on_sigterm(
     redis_url: str, db_url: str, redis_prefix: str, redis: aioredis.Redis
 ) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "INDEXER_CONSUMER": "cli-idx",
+    env = {**os.environ, "LOG_FORMAT": "text", "REDIS_URL": redis_url, "DATABASE_URL": db_url, "INDEXER_CONSUMER": "cli-idx",
            "INDEXER_STREAMS": f"{redis_prefix}firehose_live,{redis_prefix}firehose_backfill",
            "INDEXER_GROUP": f"{redis_prefix}firehose_group", "INDEXER_LABEL_STREAM": f"{redis_prefix}label_live",
            "INDEXER_LABEL_GROUP": f"{redis_prefix}label_group", "INDEXER_METRICS_PORT": "0",
@@ -287,7 +287,7 @@ async def test_the_command_serves_metrics_and_drains_on_sigterm(
 def test_the_command_requires_a_consumer_name(redis_url: str, database_url: str) -> None:
     import subprocess
 
-    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+    env = {**os.environ, "LOG_FORMAT": "text", "REDIS_URL": redis_url, "DATABASE_URL": database_url}
     env.pop("INDEXER_CONSUMER", None)
     res = subprocess.run([sys.executable, "-m", "psky.cli", "indexer"], capture_output=True, text=True, env=env,
                          timeout=60)  # fmt: skip

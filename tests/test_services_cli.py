@@ -20,7 +20,7 @@ def test_backfiller_requires_a_consumer_name(redis_url: str) -> None:
 
 
 async def test_backfiller_serves_health_and_stops_on_sigterm(redis_url: str, redis_prefix: str) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "BACKFILLER_CONSUMER": "cli-test",
+    env = {**os.environ, "LOG_FORMAT": "text", "REDIS_URL": redis_url, "BACKFILLER_CONSUMER": "cli-test",
            "BACKFILLER_BACKFILL_STREAM": f"{redis_prefix}repo_backfill",
            "BACKFILLER_FIREHOSE_STREAM": f"{redis_prefix}firehose_backfill",
            "BACKFILLER_DLQ_STREAM": f"{redis_prefix}repo_backfill_dlq",
@@ -57,7 +57,7 @@ def test_ingester_rejects_a_bad_mode(redis_url: str) -> None:
 
 
 async def test_ingester_stops_on_sigterm_while_its_relay_is_down(redis_url: str, redis_prefix: str) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "INGESTER_MODE": "firehose",
+    env = {**os.environ, "LOG_FORMAT": "text", "REDIS_URL": redis_url, "INGESTER_MODE": "firehose",
            "INGESTER_RELAY_HOSTS": "http://127.0.0.1:9", "INGESTER_METRICS_PORT": "-1",
            "INGESTER_FIREHOSE_STREAM": f"{redis_prefix}firehose_live"}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "psky.cli", "ingester", env=env,
