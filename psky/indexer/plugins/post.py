@@ -131,8 +131,6 @@ class Post(Plugin):
             keys += (root, gate_uri(root))
         if parent:
             keys.append(parent)
-        if not root:
-            keys.append(gate_uri(f"at://{did}/{POST}/{rkey}"))
         embedded = embedded_record(r)
         if embedded and collection_of(embedded[0]) == POST:
             keys.append(gate_uri(embedded[0], POSTGATE))
@@ -163,8 +161,6 @@ class Post(Plugin):
                 wanted.add(parent)
             if root:
                 wanted.update((root, gate_uri(root)))
-            elif op.notify:
-                wanted.add(gate_uri(op.uri))
             embedded = embedded_record(r)
             if embedded and collection_of(embedded[0]) == POST:
                 wanted.add(gate_uri(embedded[0], POSTGATE))
@@ -204,7 +200,8 @@ class Post(Plugin):
                 postgate = found.get(gate_uri(embedded[0], POSTGATE))
                 if postgate is not None and _embedding_disabled(postgate[0], op.did, did_of(embedded[0])):
                     row[_VIOLATES_EMBED] = True
-            thread_gate = found.get(gate_uri(root or op.uri))
+            # the root's gate hides replies from reply notifications (a root post has none)
+            thread_gate = found.get(gate_uri(root)) if root else None
             if thread_gate is not None:
                 gates[op.uri] = thread_gate[0]
             op.row = tuple(row)
