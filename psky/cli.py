@@ -23,8 +23,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"psky {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the offline demo on the bundled sample data")
+    demo = sub.add_parser("demo", help="the whole pipeline offline: local network, services, live view, summary")
+    demo.add_argument("--accounts", type=int, default=150, help="accounts seeded in the local network (default 150)")
+    demo.add_argument("--records", type=int, default=30, help="records per seeded account (default 30)")
+    demo.add_argument("--duration", type=float, default=30.0, metavar="SECS",
+                      help="seconds of live writes once the services run (default 30)")
+    demo.add_argument("--rate", type=float, default=40.0, help="live writes per second (default 40)")
+    demo.add_argument("--indexers", type=int, default=2, help="indexer processes (default 2)")
+    demo.add_argument("--backfillers", type=int, default=1, help="backfiller processes (default 1)")
+    demo.add_argument("--seed", type=int, default=None, help="workload seed (default: the run number)")
+    demo.add_argument("--no-live", action="store_true", help="progress lines instead of the redrawn view")
+    demo.add_argument("--stream-prefix", default="", metavar="P", help="prefix of every Redis key (shared Redis)")
+    demo.add_argument("--summary-json", metavar="PATH", help="also write the final summary here as JSON")
+    demo.add_argument("--sample", action="store_true",
+                      help="only verify the bundled sample repo and firehose frames (instant, no services)")
     demo.set_defaults(func=_cmd_demo)
+
+    run = sub.add_parser("run", help="ingester, backfillers and indexers against real relays, with a live view")
+    run.add_argument("--relay", action="append", default=[], metavar="HOST",
+                     help="relay to ingest (repeatable; default INGESTER_RELAY_HOSTS, else bsky.network)")
+    run.add_argument("--labeler", action="append", default=[], metavar="HOST",
+                     help="labeler to ingest (repeatable; default INGESTER_LABELER_HOSTS, else mod.bsky.app)")
+    run.add_argument("--mode", choices=("all", "firehose", "backfill", "labeler"), default=None,
+                     help="what the ingester reads (default INGESTER_MODE, else all: firehose, listRepos "
+                          "backfill of every repo, labelers)")
+    run.add_argument("--indexers", type=int, default=2, help="indexer processes (default 2)")
+    run.add_argument("--backfillers", type=int, default=1, help="backfiller processes (default 1)")
+    run.add_argument("--duration", type=float, default=None, metavar="SECS", help="stop after SECS (default: Ctrl-C)")
+    run.add_argument("--no-live", action="store_true", help="progress lines instead of the redrawn view")
+    run.add_argument("--stream-prefix", default="", metavar="P", help="prefix of every Redis key (shared Redis)")
+    run.add_argument("--summary-json", metavar="PATH", help="also write the final summary here as JSON")
+    run.set_defaults(func=_cmd_run)
 
     insp = sub.add_parser("inspect", help="decode and verify repositories and firehose frames")
     isub = insp.add_subparsers(dest="what", metavar="WHAT")
@@ -188,9 +217,35 @@ def _cmd_devnet_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from psky.inspect import run_demo
+    if args.sample:
+        from psky.inspect import run_demo as run_sample
 
-    return run_demo()
+        return run_sample()
+    from psky.ops.demo import DemoOptions, run_demo
+
+    if args.accounts < 1 or args.records < 0 or args.duration < 0 or args.rate <= 0:
+        raise UserError("--accounts must be at least 1, --records and --duration not negative, --rate positive", 2)
+    if args.indexers < 1 or args.backfillers < 1:
+        raise UserError("--indexers and --backfillers must be at least 1", 2)
+    options = DemoOptions(accounts=args.accounts, records=args.records, duration=args.duration, rate=args.rate,
+                          indexers=args.indexers, backfillers=args.backfillers, seed=args.seed,
+                          live=False if args.no_live else None, prefix=args.stream_prefix,
+                          summary_json=args.summary_json)
+    return asyncio.run(run_demo(options))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from psky.ops.demo import RunOptions, run_pipeline
+
+    if args.indexers < 1 or args.backfillers < 1:
+        raise UserError("--indexers and --backfillers must be at least 1", 2)
+    if args.duration is not None and args.duration <= 0:
+        raise UserError("--duration must be positive", 2)
+    options = RunOptions(relays=args.relay, labelers=args.labeler, mode=args.mode, indexers=args.indexers,
+                         backfillers=args.backfillers, duration=args.duration,
+                         live=False if args.no_live else None, prefix=args.stream_prefix,
+                         summary_json=args.summary_json)
+    return asyncio.run(run_pipeline(options))
 
 
 def _cmd_inspect_car(args: argparse.Namespace) -> int:

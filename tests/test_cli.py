@@ -254,7 +254,7 @@ def test_inspect_frames_live_url_refused() -> None:
 
 
 def test_demo_runs() -> None:
-    res = run("demo")
+    res = run("demo", "--sample")
     assert res.returncode == 0, res.stderr + res.stdout
     assert "signature   valid" in res.stdout
 
