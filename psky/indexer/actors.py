@@ -176,24 +176,45 @@ class Actors:
     # -- inside the transaction
 
     async def apply(self, conn: asyncpg.Connection, item: Item) -> None:
-        """An account event (identity events only change handles: see apply_handles)."""
+        """An account event, in stream order: a deletion unindexes the account there and then
+        (statuses and handles are written at the end of the batch, see :meth:`finish`)."""
         e = item.event
-        if not isinstance(e, AccountEvent):
-            return
-        if e.active:
-            status: str | None = None
-        elif e.status == "deleted":
+        if isinstance(e, AccountEvent) and not e.active and e.status == "deleted":
             await unindex_actor(conn, e.did, e.time)
+
+    async def finish(self, conn: asyncpg.Connection, items: Sequence[Item]) -> None:
+        """Account statuses and handles of the batch, on ``actor`` rows locked in DID order
+        first (one order for every batch: concurrent batches never deadlock on them)."""
+        statuses: dict[str, str | None] = {}
+        for item in items:
+            e = item.event
+            if isinstance(e, AccountEvent):
+                if e.active:
+                    statuses[e.did] = None
+                elif e.status == "deleted":
+                    statuses.pop(e.did, None)
+                else:
+                    statuses[e.did] = e.status or "deactivated"
+        handle_dids = {item.event.did for item in items if item.handle is not None and item.handle[1]}
+        dids = sorted(set(statuses) | handle_dids)
+        if not dids:
             return
-        else:
-            status = e.status or "deactivated"
         await conn.execute(
-            'INSERT INTO actor (did, "indexedAt", "upstreamStatus") VALUES ($1, $2, $3)'
-            ' ON CONFLICT (did) DO UPDATE SET "upstreamStatus" = excluded."upstreamStatus"',
-            e.did,
+            'INSERT INTO actor (did, "indexedAt") SELECT d, $2 FROM unnest($1::text[]) AS d ORDER BY d'
+            " ON CONFLICT (did) DO UPDATE SET did = excluded.did WHERE false",
+            dids,
             NEVER_INDEXED,  # no handle indexed yet: any resolution is newer, and one is due
-            status,
         )
+        if statuses:
+            keys = sorted(statuses)
+            # a deleted account's marker only goes with an explicit reactivation
+            await conn.execute(
+                'UPDATE actor a SET "upstreamStatus" = t.s FROM unnest($1::text[], $2::text[]) AS t(d, s)'
+                " WHERE a.did = t.d AND (a.\"upstreamStatus\" IS DISTINCT FROM 'deleted' OR t.s IS NULL)",
+                keys,
+                [statuses[k] for k in keys],
+            )
+        await self.apply_handles(conn, items)
 
     async def apply_handles(self, conn: asyncpg.Connection, items: Sequence[Item]) -> None:
         latest: dict[str, tuple[str | None, str]] = {}

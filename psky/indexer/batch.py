@@ -142,6 +142,11 @@ class Totals:
     def __init__(self, conn: asyncpg.Connection, fresh: set[str] | None = None) -> None:
         self.conn = conn
         self.agg: dict[tuple[str, str, str], int] = defaultdict(int)
+        #: quote counts: subject -> (CID counted, count at its last recount in this batch)
+        self.quotes: dict[str, tuple[str, int]] = {}
+        #: subjects whose quotes were removed after their last recount without a new one
+        #: (the TypeScript indexer's post deletion): their count stays as last recounted
+        self.frozen_quotes: set[str] = set()
         #: URIs whose ``record`` row is still this batch's placeholder (no version indexed)
         self.fresh: set[str] = fresh if fresh is not None else set()
 
@@ -156,6 +161,7 @@ class WaveContext:
         self.ops = ops
         self.scratch: dict[str, Any] = {}
         totals = totals if totals is not None else Totals(conn)
+        self.totals = totals
         #: aggregate deltas and quote recounts, applied once per batch (see Totals)
         self.agg = totals.agg
         #: quote counts are recounts (as the TypeScript indexer defines them), so they are
@@ -183,6 +189,10 @@ class WaveContext:
 
     def recount_quotes(self, subject: str, cid: str) -> None:
         self.quotes[subject] = cid
+
+    def quotes_removed(self, subjects: Sequence[str]) -> None:
+        """Quotes of these posts were deleted without a recount (see :class:`Totals`)."""
+        self.totals.frozen_quotes.update(s for s in subjects if s in self.totals.quotes)
 
     async def insert_rows(
         self,
@@ -671,11 +681,18 @@ _AGG_COLUMNS = {
 
 
 async def _write_aggregates(ctx: Totals) -> None:
+    """One upsert per counter table, rows in key order (this locks them in one consistent
+    order for every batch), then the quote counts on the already locked ``post_agg`` rows: a
+    recount now (a new statement sees every quote committed by batches that held these rows
+    before), or the frozen value where the TypeScript definition leaves it stale."""
     for table, (key_col, columns) in _AGG_COLUMNS.items():
         deltas: dict[str, list[int]] = {}
         for (t, key, column), delta in ctx.agg.items():
             if t == table and delta:
                 deltas.setdefault(key, [0, 0, 0])[columns.index(column)] += delta
+        if table == "post_agg":
+            for subject in ctx.quotes:
+                deltas.setdefault(subject, [0, 0, 0])
         if not deltas:
             continue
         keys = sorted(deltas)
@@ -686,26 +703,35 @@ async def _write_aggregates(ctx: Totals) -> None:
             f' ON CONFLICT ("{key_col}") DO UPDATE SET {sets}',
             keys, [deltas[k][0] for k in keys], [deltas[k][1] for k in keys], [deltas[k][2] for k in keys],
         )  # fmt: skip
+    if ctx.quotes:
+        subjects = sorted(ctx.quotes)
+        frozen = [s in ctx.frozen_quotes for s in subjects]
+        await ctx.conn.execute(
+            'UPDATE post_agg a SET "quoteCount" = CASE WHEN t.frozen THEN t.n ELSE (SELECT count(*) FROM quote q'
+            ' WHERE q.subject = t.s AND q."subjectCid" = t.c) END'
+            " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bool[]) AS t(s, c, n, frozen) WHERE a.uri = t.s",
+            subjects,
+            [ctx.quotes[s][0] for s in subjects],
+            [ctx.quotes[s][1] for s in subjects],
+            frozen,
+        )
 
 
 async def _write_quote_counts(ctx: WaveContext) -> None:
-    if ctx.quotes:
-        subjects = sorted(ctx.quotes)
-        cids = [ctx.quotes[s] for s in subjects]
-        # lock the counters first, so that the recount (a new statement, a new snapshot)
-        # sees every quote committed by transactions that held them before
-        await ctx.conn.execute(
-            "INSERT INTO post_agg (uri) SELECT unnest($1::text[]) ORDER BY 1"
-            " ON CONFLICT (uri) DO UPDATE SET uri = excluded.uri",
-            subjects,
-        )
-        await ctx.conn.execute(
-            'UPDATE post_agg a SET "quoteCount" = (SELECT count(*) FROM quote q'
-            ' WHERE q.subject = t.s AND q."subjectCid" = t.c)'
-            " FROM unnest($1::text[], $2::text[]) AS t(s, c) WHERE a.uri = t.s",
-            subjects,
-            cids,
-        )
+    """Count the quotes of the subjects this wave recounts (a plain read: the counters are
+    written, locked in key order, at the end of the batch)."""
+    if not ctx.quotes:
+        return
+    subjects = sorted(ctx.quotes)
+    rows = await ctx.conn.fetch(
+        'SELECT t.s, (SELECT count(*) FROM quote q WHERE q.subject = t.s AND q."subjectCid" = t.c) AS n'
+        " FROM unnest($1::text[], $2::text[]) AS t(s, c)",
+        subjects,
+        [ctx.quotes[s] for s in subjects],
+    )
+    for row in rows:
+        ctx.totals.quotes[row["s"]] = (ctx.quotes[row["s"]], int(row["n"]))
+        ctx.totals.frozen_quotes.discard(row["s"])
 
 
 # --- the batch -------------------------------------------------------------------------
@@ -821,5 +847,5 @@ async def apply_batch(
         await _write_aggregates(totals)
         await _actor_sync(conn, [i for i in items if i.event.did not in gone])
         if actors is not None:
-            await actors.apply_handles(conn, items)
+            await actors.finish(conn, items)
     return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -285,7 +286,8 @@ class Indexer:
                 if code in _RETRY_SQLSTATES and attempt < _MAX_BATCH_RETRIES:
                     attempt += 1
                     self.metrics.retries.labels("deadlock" if code == "40P01" else "serialization").inc()
-                    await asyncio.sleep(0.01 * attempt)
+                    # jittered: two batches that collided must not collide again in step
+                    await asyncio.sleep(random.uniform(0.0, 0.05 * attempt))
                     continue
                 if _is_db_outage(e):
                     await self._wait_outage(e, outage_delay)

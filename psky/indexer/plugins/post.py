@@ -370,6 +370,7 @@ class Post(Plugin):
     async def after_delete(self, rows: list[Mapping[str, Any]], uris: list[str], ctx: WaveContext) -> None:
         await ctx.execute('DELETE FROM feed_item WHERE "postUri" = ANY($1::text[])', uris)
         await ctx.execute("DELETE FROM quote WHERE subject = ANY($1::text[])", uris)
+        ctx.quotes_removed(uris)
         await ctx.execute('DELETE FROM post_embed_image WHERE "postUri" = ANY($1::text[])', uris)
         await ctx.execute('DELETE FROM post_embed_external WHERE "postUri" = ANY($1::text[])', uris)
         await ctx.execute('DELETE FROM post_embed_video WHERE "postUri" = ANY($1::text[])', uris)
