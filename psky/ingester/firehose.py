@@ -4,8 +4,9 @@ Per frame: decode, skip seqs at or below the last one (replays), verify a ``#com
 according to ``INGESTER_VERIFY``, queue its create/update/delete events (collection filter
 applied, filtered ops counted), then move the cursor with
 :meth:`~psky.streams.StreamWriter.set_cursor_after`, so the stored cursor never covers an
-event that is not in Redis. ``#sync`` and ``tooBig`` commits queue a resync of the repo on
-``repo_backfill``; ``#identity`` also drops the DID from the resolver cache. Bad frames are
+event that is not in Redis. ``#sync`` and ``tooBig`` commits, and ``#account`` events of an
+active account (the backfill may have skipped it while it was inactive), queue a resync of
+the repo on ``repo_backfill``; ``#identity`` also drops the DID from the resolver cache. Bad frames are
 logged and counted and never end the task. Reconnects resume from the last processed seq
 (events already queued stay in the writer's buffer), a restart from the stored cursor.
 """
@@ -175,6 +176,10 @@ class FirehoseIngester:
             for event in to_stream_events(None, frame):
                 await self.writer.add({"event": orjson.dumps(event)})
             self._events[kind].inc()
+            if isinstance(frame, AccountEvent) and frame.active:
+                # an account that is (again) active may have been skipped by the backfill
+                # while it was not (the PDS refuses getRepo then): fetch it once more
+                await self._resync(frame.did, "", "active")
             self._advance(frame.seq, frame.time)
         elif isinstance(frame, SyncEvent):
             if self._stale(frame.seq):

@@ -124,12 +124,20 @@ async def read_summary(database_url: str, *, top: int = 3, timeout_s: float = 30
 
 
 async def network_check(database_url: str, expected: Mapping[str, str]) -> dict[str, int]:
-    """This run's ground truth (record URI → CID, from the devnet's manifest) against the
-    ``record`` table: how many are indexed with the right CID, missing, or stale."""
+    """This run's ground truth (record URI → CID of the indexed collections, from the
+    devnet's manifest) against the live rows of ``record``: how many are indexed with the
+    right CID, missing, stale, or indexed although deleted in the network."""
+    from psky.indexer.plugins import PLUGINS
+
+    # collections the AppView does not index (e.g. newer lexicons) are not expected
+    expected = {uri: cid for uri, cid in expected.items() if uri.split("/")[3] in PLUGINS}
     dids = sorted({uri.split("/")[2] for uri in expected})
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        rows = await conn.fetch("SELECT uri, cid FROM record WHERE did = ANY($1::varchar[])", dids)
+        # tombstones (json '') are deleted records, not indexed ones
+        rows = await conn.fetch(
+            "SELECT uri, cid FROM record WHERE did = ANY($1::varchar[]) AND json <> ''", dids
+        )
     finally:
         await conn.close()
     indexed = {r["uri"]: r["cid"] for r in rows}
