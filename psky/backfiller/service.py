@@ -64,10 +64,14 @@ from psky.streams import (
     now_iso,
     parse_backfill_request,
 )
+from psky.streams._redis import Backoff, is_transient
 
 __all__ = ["Backfiller", "BackfillerMetrics", "run_backfiller"]
 
 log = logging.getLogger("psky.backfiller")
+
+#: deliveries after which an entry is dead-lettered whatever happened (see the consumer)
+MAX_DELIVERIES_FLOOR = 25
 
 
 class BackfillerMetrics:
@@ -159,8 +163,10 @@ class Backfiller:
             # a blocking read must not outlast the claim interval: scheduled retries and
             # deferred repos are picked up by the claim that follows it
             block_ms=min(1000, config.claim_interval_ms),
-            # safety net for repos that crash the process: max_retries is enforced below
-            max_deliveries=config.max_retries + 2,
+            # safety net for repos that crash the process (max_retries is enforced below on
+            # failed attempts): generous, because every restart redelivers all the entries
+            # read ahead, attempted or not, and must not dead-letter healthy repos
+            max_deliveries=max(config.max_retries + 2, MAX_DELIVERIES_FLOOR),
             dlq_stream=config.dlq_stream,
         )
         self.writer = StreamWriter(
@@ -212,7 +218,8 @@ class Backfiller:
         stop_task = asyncio.ensure_future(stop.wait())
         stats = asyncio.ensure_future(self._report(stop))
         try:
-            await self.consumer.ensure_groups()
+            await self._ensure_groups(stop)
+            read_backoff = Backoff(0.1, 5.0)
             while not stop.is_set():
                 # read more only when the workers are about to run dry; repos queued for a
                 # busy host do not count, so one slow host cannot hold every worker idle
@@ -233,7 +240,17 @@ class Backfiller:
                     with contextlib.suppress(Exception):
                         await read
                     break
-                for message in read.result():
+                try:
+                    messages = read.result()
+                except Exception as e:  # Redis restarting or unreachable: wait it out
+                    if not is_transient(e):
+                        raise
+                    delay = read_backoff.next_delay()
+                    log.warning("stream read failed, retrying", extra={"error": str(e)[:300], "retry_in_s": delay})
+                    await asyncio.wait([stop_task], timeout=delay)
+                    continue
+                read_backoff.reset()
+                for message in messages:
                     task = asyncio.create_task(self._handle(message))
                     self._tasks.add(task)
                     task.add_done_callback(self._task_done)
@@ -247,6 +264,20 @@ class Backfiller:
                 await stats
             with contextlib.suppress(Exception):
                 await self.writer.flush()
+
+    async def _ensure_groups(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(0.1, 5.0)
+        while not stop.is_set():
+            try:
+                await self.consumer.ensure_groups()
+                return
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                delay = backoff.next_delay()
+                log.warning("Redis unavailable, waiting", extra={"error": str(e)[:300], "retry_in_s": delay})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
 
     def _saturated(self) -> bool:
         return (

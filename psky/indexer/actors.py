@@ -272,6 +272,16 @@ async def unindex_actor(conn: asyncpg.Connection, did: str, at: str) -> dict[str
     keeping the aggregates of other actors' subjects exact."""
     counts: dict[str, int] = {}
     deltas: dict[tuple[str, str, str], int] = defaultdict(int)
+    # the actor stays as a marker (the TypeScript indexer deletes it): records of this
+    # account arriving later from an older batch must not bring it back. Written first: the
+    # row lock orders this deletion with batches holding the row (see _skip_deleted_accounts)
+    await conn.execute(
+        'INSERT INTO actor (did, handle, "indexedAt", "upstreamStatus") VALUES ($1, NULL, $2, \'deleted\')'
+        " ON CONFLICT (did) DO UPDATE SET handle = NULL, \"upstreamStatus\" = 'deleted'",
+        did,
+        at,
+    )
+
     for plugin in PLUGINS.values():
         if plugin.table is None:
             continue
@@ -296,14 +306,6 @@ async def unindex_actor(conn: asyncpg.Connection, did: str, at: str) -> dict[str
     )
     await conn.execute("DELETE FROM record WHERE did = $1", did)
     await conn.execute("DELETE FROM actor_sync WHERE did = $1", did)
-    # the actor stays as a marker (the TypeScript indexer deletes it): records of this
-    # account arriving later from an older batch must not bring it back
-    await conn.execute(
-        'INSERT INTO actor (did, handle, "indexedAt", "upstreamStatus") VALUES ($1, NULL, $2, \'deleted\')'
-        " ON CONFLICT (did) DO UPDATE SET handle = NULL, \"upstreamStatus\" = 'deleted'",
-        did,
-        at,
-    )
     for (table, subject, column), delta in sorted(deltas.items()):
         if table == "profile_agg" and subject == did:
             continue

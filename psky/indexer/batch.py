@@ -685,6 +685,7 @@ async def _write_aggregates(ctx: Totals) -> None:
     order for every batch), then the quote counts on the already locked ``post_agg`` rows: a
     recount now (a new statement sees every quote committed by batches that held these rows
     before), or the frozen value where the TypeScript definition leaves it stale."""
+    gone = await _deleted_accounts(ctx)
     for table, (key_col, columns) in _AGG_COLUMNS.items():
         deltas: dict[str, list[int]] = {}
         for (t, key, column), delta in ctx.agg.items():
@@ -693,6 +694,9 @@ async def _write_aggregates(ctx: Totals) -> None:
         if table == "post_agg":
             for subject in ctx.quotes:
                 deltas.setdefault(subject, [0, 0, 0])
+        # counters of deleted accounts (and their posts) are not brought back by late deltas
+        for key in [k for k in deltas if _account_of(k) in gone]:
+            del deltas[key]
         if not deltas:
             continue
         keys = sorted(deltas)
@@ -703,8 +707,15 @@ async def _write_aggregates(ctx: Totals) -> None:
             f' ON CONFLICT ("{key_col}") DO UPDATE SET {sets}',
             keys, [deltas[k][0] for k in keys], [deltas[k][1] for k in keys], [deltas[k][2] for k in keys],
         )  # fmt: skip
+        # a counter created by a decrement (its subject's increments were never indexed) is 0
+        await ctx.conn.execute(
+            f'UPDATE {table} SET "{columns[0]}" = GREATEST(0, "{columns[0]}"), "{columns[1]}" = GREATEST(0, "{columns[1]}"),'
+            f' "{columns[2]}" = GREATEST(0, "{columns[2]}") WHERE "{key_col}" = ANY($1::text[])'
+            f' AND LEAST("{columns[0]}", "{columns[1]}", "{columns[2]}") < 0',
+            keys,
+        )
     if ctx.quotes:
-        subjects = sorted(ctx.quotes)
+        subjects = sorted(s for s in ctx.quotes if _account_of(s) not in gone)
         frozen = [s in ctx.frozen_quotes for s in subjects]
         await ctx.conn.execute(
             'UPDATE post_agg a SET "quoteCount" = CASE WHEN t.frozen THEN t.n ELSE (SELECT count(*) FROM quote q'
@@ -715,6 +726,23 @@ async def _write_aggregates(ctx: Totals) -> None:
             [ctx.quotes[s][1] for s in subjects],
             frozen,
         )
+
+
+def _account_of(key: str) -> str:
+    """The DID a counter belongs to: a profile_agg key is one, a post_agg key an AT-URI."""
+    return key[5:].split("/", 1)[0] if key.startswith("at://") else key
+
+
+async def _deleted_accounts(ctx: Totals) -> set[str]:
+    dids = {_account_of(key) for (_, key, _), delta in ctx.agg.items() if delta} | {
+        _account_of(s) for s in ctx.quotes
+    }
+    if not dids:
+        return set()
+    rows = await ctx.conn.fetch(
+        "SELECT did FROM actor WHERE did = ANY($1::text[]) AND \"upstreamStatus\" = 'deleted'", sorted(dids)
+    )
+    return {r["did"] for r in rows}
 
 
 async def _write_quote_counts(ctx: WaveContext) -> None:
@@ -795,10 +823,12 @@ async def _skip_deleted_accounts(
     dids = sorted({item.event.did for item in items if item.skipped is None})
     if not dids:
         return set()
+    # FOR SHARE: an account deletion (which updates the actor row first) waits for this batch,
+    # or this batch waits for it and then sees the marker
     rows = await conn.fetch(
-        "SELECT did FROM actor WHERE did = ANY($1::text[]) AND \"upstreamStatus\" = 'deleted'", dids
+        'SELECT did, "upstreamStatus" FROM actor WHERE did = ANY($1::text[]) ORDER BY did FOR SHARE', dids
     )
-    gone = {r["did"] for r in rows}
+    gone = {r["did"] for r in rows if r["upstreamStatus"] == "deleted"}
     for item in items:
         if item.op is not None and item.skipped is None and item.op.did in gone:
             item.skipped = "account_deleted"

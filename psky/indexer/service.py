@@ -354,26 +354,37 @@ class Indexer:
         assert self.label_consumer is not None
         consumer = self.label_consumer
         async for batch in consumer:
-            started = time.perf_counter()
-            tags = {"group": consumer.group, "consumer": consumer.consumer}
-            labels = []
-            good, bad = [], []
-            for m in batch:
-                try:
-                    labels.extend(parse_label_entry(m.fields))
-                    good.append(m)
-                except MalformedMessage as e:
-                    self.metrics.malformed.labels(e.code).inc()
-                    log.error("skipping bad label stream message", extra={"id": m.id, "error": str(e)})
-                    bad.append(m)
-            if bad:
-                await consumer.ack(bad)
-            if good and await self._apply_labels(labels, good):
-                await consumer.ack(good)
-            ms = (time.perf_counter() - started) * 1000 / max(1, len(batch))
-            for m in batch:
-                self.metrics.label_processed.labels(stream=m.stream, **tags).inc()
-                self.metrics.label_timing.labels(stream=m.stream, **tags).observe(ms)
+            try:
+                await self._label_batch(batch)
+            except Exception as e:  # e.g. Redis went away mid-acknowledgement: the batch stays
+                # pending and is delivered again; the loop must live on
+                log.error("label batch failed", extra={"error": str(e)[:300], "messages": len(batch)})
+                consumer.release(batch)
+                await asyncio.sleep(0.5)
+
+    async def _label_batch(self, batch: list[Message]) -> None:
+        assert self.label_consumer is not None
+        consumer = self.label_consumer
+        started = time.perf_counter()
+        tags = {"group": consumer.group, "consumer": consumer.consumer}
+        labels = []
+        good, bad = [], []
+        for m in batch:
+            try:
+                labels.extend(parse_label_entry(m.fields))
+                good.append(m)
+            except MalformedMessage as e:
+                self.metrics.malformed.labels(e.code).inc()
+                log.error("skipping bad label stream message", extra={"id": m.id, "error": str(e)})
+                bad.append(m)
+        if bad:
+            await consumer.ack(bad)
+        if good and await self._apply_labels(labels, good):
+            await consumer.ack(good)
+        ms = (time.perf_counter() - started) * 1000 / max(1, len(batch))
+        for m in batch:
+            self.metrics.label_processed.labels(stream=m.stream, **tags).inc()
+            self.metrics.label_timing.labels(stream=m.stream, **tags).observe(ms)
 
     async def _apply_labels(self, labels: list[Any], messages: list[Message]) -> bool:
         assert self.label_consumer is not None
