@@ -147,9 +147,12 @@ class Indexer:
         )
         stopper = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait([stopper, reader], return_when=asyncio.FIRST_COMPLETED)
-            if reader.done() and not stop.is_set():
-                reader.result()  # a reader that died raises here
+            watched = [stopper, reader] + ([labels] if labels is not None else [])
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if not stop.is_set():  # a reader that died raises here: the service must not run on half
+                for task in (reader, labels):
+                    if task is not None and task.done():
+                        task.result()
         finally:
             self._stop.set()
             self.consumer.stop()
