@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +19,7 @@ import orjson
 from psky.atproto.did import DidDocument, InvalidDidDocument, parse_did_document
 from psky.atproto.syntax import is_valid_handle
 from psky.identity import IdentityResolver, ResolutionError
-from psky.indexer.batch import Item
+from psky.indexer.batch import NEVER_INDEXED, Item, Totals
 from psky.indexer.plugins import PLUGINS
 from psky.streams.wire import AccountEvent, IdentityEvent, RecordEvent
 
@@ -30,8 +29,6 @@ log = logging.getLogger("psky.indexer")
 
 PROFILE = "app.bsky.actor.profile"
 REINDEX_AFTER = timedelta(days=1)
-#: ``indexedAt`` of an actor row created by an account event before its handle was indexed
-NEVER_INDEXED = "1970-01-01T00:00:00.000Z"
 REINDEX_INVALID_AFTER = timedelta(hours=1)
 DID_CACHE_TTL_S = 3600
 
@@ -175,12 +172,12 @@ class Actors:
 
     # -- inside the transaction
 
-    async def apply(self, conn: asyncpg.Connection, item: Item) -> None:
+    async def apply(self, conn: asyncpg.Connection, item: Item, totals: Totals) -> None:
         """An account event, in stream order: a deletion unindexes the account there and then
         (statuses and handles are written at the end of the batch, see :meth:`finish`)."""
         e = item.event
         if isinstance(e, AccountEvent) and not e.active and e.status == "deleted":
-            await unindex_actor(conn, e.did, e.time)
+            await unindex_actor(conn, e.did, e.time, totals)
 
     async def finish(self, conn: asyncpg.Connection, items: Sequence[Item]) -> None:
         """Account statuses and handles of the batch, on ``actor`` rows locked in DID order
@@ -267,11 +264,12 @@ class Actors:
         )
 
 
-async def unindex_actor(conn: asyncpg.Connection, did: str, at: str) -> dict[str, int]:
+async def unindex_actor(conn: asyncpg.Connection, did: str, at: str, totals: Totals) -> dict[str, int]:
     """Remove everything a deleted account wrote (its rows, records, notifications, actor),
-    keeping the aggregates of other actors' subjects exact."""
+    keeping the aggregates of other actors' subjects exact: the counters its rows fed go into
+    the batch's totals like any other removal (applied here, a decrement would miss the
+    increment of a row this same batch inserted, which is only written at the batch's end)."""
     counts: dict[str, int] = {}
-    deltas: dict[tuple[str, str, str], int] = defaultdict(int)
     # the actor stays as a marker (the TypeScript indexer deletes it): records of this
     # account arriving later from an older batch must not bring it back. Written first: the
     # row lock orders this deletion with batches holding the row (see _skip_deleted_accounts)
@@ -282,6 +280,7 @@ async def unindex_actor(conn: asyncpg.Connection, did: str, at: str) -> dict[str
         at,
     )
 
+    own = f"at://{did}/"
     for plugin in PLUGINS.values():
         if plugin.table is None:
             continue
@@ -289,14 +288,21 @@ async def unindex_actor(conn: asyncpg.Connection, did: str, at: str) -> dict[str
         counts[plugin.table] = len(rows)
         for row in rows:
             for key in plugin.agg_keys(row):
-                if key.key:
-                    deltas[(key.table, key.key, key.column)] -= 1
+                if key.key and key.key != did and not key.key.startswith(own):
+                    totals.agg[(key.table, key.key, key.column)] -= 1
         if rows and plugin.table == "post":
             uris = [r["uri"] for r in rows]
             for table in ("post_embed_image", "post_embed_external", "post_embed_record", "post_embed_video"):
                 await conn.execute(f'DELETE FROM {table} WHERE "postUri" = ANY($1::text[])', uris)
             await conn.execute('DELETE FROM feed_item WHERE "postUri" = ANY($1::text[])', uris)
-            await conn.execute("DELETE FROM quote WHERE uri = ANY($1::text[])", uris)
+            # quote counts are counts (the TypeScript definition), not deltas: what it
+            # quoted is recounted at the end of the batch
+            for r in await conn.fetch(
+                'DELETE FROM quote WHERE uri = ANY($1::text[]) RETURNING subject, "subjectCid"', uris
+            ):
+                if not r["subject"].startswith(own):
+                    totals.quotes[r["subject"]] = (r["subjectCid"], 0)
+                    totals.frozen_quotes.discard(r["subject"])
         if rows and plugin.table == "repost":
             await conn.execute("DELETE FROM feed_item WHERE uri = ANY($1::text[])", [r["uri"] for r in rows])
     await conn.execute('DELETE FROM feed_item WHERE "originatorDid" = $1', did)
@@ -306,15 +312,6 @@ async def unindex_actor(conn: asyncpg.Connection, did: str, at: str) -> dict[str
     )
     await conn.execute("DELETE FROM record WHERE did = $1", did)
     await conn.execute("DELETE FROM actor_sync WHERE did = $1", did)
-    for (table, subject, column), delta in sorted(deltas.items()):
-        if table == "profile_agg" and subject == did:
-            continue
-        key_col = "uri" if table == "post_agg" else "did"
-        await conn.execute(
-            f'UPDATE {table} SET "{column}" = GREATEST(0, "{column}" + $2) WHERE "{key_col}" = $1',
-            subject,
-            delta,
-        )
     await conn.execute("DELETE FROM profile_agg WHERE did = $1", did)
     await conn.execute("DELETE FROM post_agg WHERE uri LIKE $1", f"at://{did}/%")
     return counts

@@ -792,6 +792,9 @@ async def _actor_sync(conn: asyncpg.Connection, items: list[Item]) -> None:
     )
 
 
+#: ``actor."indexedAt"`` of an account whose handle was never resolved: any resolution is newer.
+NEVER_INDEXED = "1970-01-01T00:00:00.000Z"
+
 _LOCK_RECORDS = (
     'INSERT INTO record (uri, cid, did, json, rev, "indexedAt")'
     " SELECT t.uri, '', t.did, '', '', t.at FROM unnest($1::text[], $2::text[], $3::text[]) AS t(uri, did, at)"
@@ -819,12 +822,22 @@ async def _skip_deleted_accounts(
     conn: asyncpg.Connection, items: list[Item], result: BatchResult
 ) -> set[str]:
     """Records of accounts deleted in an earlier batch are not indexed again (an older batch
-    redelivered or handled late by another consumer would bring them back)."""
+    redelivered or handled late by another consumer would bring them back).
+
+    Runs first in the batch. Every account of the batch gets an actor row (a placeholder when
+    it has none yet, as the batch's handle indexing would create anyway) held ``FOR SHARE``
+    in DID order. An account deletion writes its marker on that same row before removing
+    anything, so the two are always ordered: the deletion waits for this batch and then
+    removes what it wrote, or this batch waits for the deletion and then sees the marker."""
     dids = sorted({item.event.did for item in items if item.skipped is None})
     if not dids:
         return set()
-    # FOR SHARE: an account deletion (which updates the actor row first) waits for this batch,
-    # or this batch waits for it and then sees the marker
+    await conn.execute(
+        'INSERT INTO actor (did, "indexedAt") SELECT d, $2 FROM unnest($1::text[]) AS d ORDER BY d'
+        " ON CONFLICT (did) DO NOTHING",
+        dids,
+        NEVER_INDEXED,
+    )
     rows = await conn.fetch(
         'SELECT did, "upstreamStatus" FROM actor WHERE did = ANY($1::text[]) ORDER BY did FOR SHARE', dids
     )
@@ -855,22 +868,16 @@ async def apply_batch(
         if item.skipped is not None:
             result.skipped[item.skipped] += 1
     async with conn.transaction():
-        fresh = await _lock_records(conn, items)
-        # after the lock: a deletion committed while this batch waited for it is seen
+        # accounts first, then records: the same order in every batch and in account deletions
         gone = await _skip_deleted_accounts(conn, items, result)
-        if gone:
-            dropped = sorted(
-                item.op.uri for item in items if item.op is not None and item.skipped == "account_deleted"
-            )
-            await conn.execute("DELETE FROM record WHERE uri = ANY($1::text[]) AND rev = ''", dropped)
-            fresh.difference_update(dropped)
+        fresh = await _lock_records(conn, items)
         await _read_prior_keys(conn, items)
         waves = _plan(items, await _gated_roots(conn, items))
         totals = Totals(conn, fresh)
         for wave in waves:
             if wave.actor:
                 if actors is not None:
-                    await actors.apply(conn, wave.items[0])
+                    await actors.apply(conn, wave.items[0], totals)
             else:
                 await _run_wave(conn, wave, result, lexicons, totals)
         result.waves = len(waves)
