@@ -15,8 +15,11 @@ COPY requirements.lock pyproject.toml README.md ./
 RUN mkdir psky && touch psky/__init__.py \
  && pip install --constraint requirements.lock . \
  && pip uninstall -y psky
+# setup.py builds the C MST inverter (psky.atproto._mst_native) with the compiler above
+COPY setup.py ./
 COPY psky ./psky
-RUN pip install --no-deps .
+RUN pip install --no-deps . \
+ && cd / && python -c "from psky.atproto import mst; assert mst.NATIVE_INVERSION, 'C inverter not built'"
 
 FROM python:3.12-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /var/lib/psky --create-home psky

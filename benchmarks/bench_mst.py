@@ -3,8 +3,9 @@
 Prints µs per :func:`invert_ops` call for 1-, 2- and 3-op commits (a realistic mix of
 creates of fresh TIDs, updates and deletes) on trees of 5k and 100k records, over the
 covering proof alone: with blocks already hash-checked (as the firehose does after
-``read_car``), re-hashing them, and with the reference (thorough) algorithm the fast one
-falls back to; then the strict and lax :func:`walk` rates over a 100k-record tree.
+``read_car``) and re-hashing them, each with the C inverter (when built) and with the
+Python one; the reference (thorough) algorithm both fall back to; then the strict and lax
+:func:`walk` rates over a 100k-record tree.
 Usage: python benchmarks/bench_mst.py [--seconds S] [--commits N] [--big N]
 """
 
@@ -15,10 +16,15 @@ import random
 import time
 from collections.abc import Callable
 
-from psky.atproto import cbor
+from psky.atproto import cbor, mst
 from psky.atproto.cbor import CID
 from psky.atproto.mst import MST, Op, _invert_thorough, invert_ops, walk
 from psky.atproto.syntax import make_tid
+
+try:
+    from psky.atproto import _mst_native
+except ImportError:  # built without a C compiler
+    _mst_native = None  # type: ignore[assignment]
 
 COLLECTIONS = ("app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow", "app.bsky.feed.repost")
 
@@ -91,6 +97,10 @@ def per_call_us(fn: Callable[[], int], seconds: float) -> float:
     return best * 1e6
 
 
+native_built = _mst_native is not None
+native_default = mst.NATIVE_INVERSION
+
+
 def bench_invert(n: int, commits: int, seconds: float, rng: random.Random) -> None:
     t0 = time.perf_counter()
     tree, entries = make_tree(n, rng)
@@ -116,12 +126,20 @@ def bench_invert(n: int, commits: int, seconds: float, rng: random.Random) -> No
             return len(cases)
 
         nodes = sum(len(p) for p, _, _, _ in cases) / len(cases)
-        print(
-            f"  {n_ops}-op commits ({nodes:4.1f} proof nodes): "
-            f"{per_call_us(run_trusted, seconds):6.1f} µs/inversion (blocks pre-verified), "
-            f"{per_call_us(run_verified, seconds):6.1f} µs re-hashing; "
-            f"reference algorithm {per_call_us(run_thorough, seconds):6.1f} µs"
-        )
+        print(f"  {n_ops}-op commits ({nodes:4.1f} proof nodes), µs/inversion:")
+        for label, native in (("C     ", True), ("Python", False)):
+            if native and not native_built:
+                print("    C inverter not built")
+                continue
+            mst.NATIVE_INVERSION = native
+            try:
+                print(
+                    f"    {label} {per_call_us(run_trusted, seconds):7.2f} (blocks pre-verified), "
+                    f"{per_call_us(run_verified, seconds):7.2f} re-hashing"
+                )
+            finally:
+                mst.NATIVE_INVERSION = native_default
+        print(f"    reference algorithm {per_call_us(run_thorough, seconds):7.1f}")
 
 
 def bench_walk(n: int, seconds: float, rng: random.Random) -> None:
@@ -153,6 +171,8 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=100_000, help="records in the large tree")
     args = ap.parse_args()
     rng = random.Random(1)
+    sha = f", SHA-NI {'on' if _mst_native.SHA_NI else 'off'}" if native_built else ""
+    print(f"C inverter built: {native_built}, used by default: {native_default}{sha}")
     for n in (5_000, args.big):
         bench_invert(n, args.commits, args.seconds, rng)
     bench_walk(args.big, args.seconds, rng)

@@ -25,6 +25,7 @@ Three ways in:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,6 +60,15 @@ MAX_KEY_LEN: Final = 1024
 _sha256 = hashlib.sha256
 # collection "/" record key; neither segment may be "." or ".."
 _KEY_RE: Final = re.compile(rb"(?!\.\.?/)[A-Za-z0-9._:~-]+/(?!\.\.?\Z)[A-Za-z0-9._:~-]+\Z")
+
+try:  # the C inverter, built by ``pip install`` where a compiler exists (setup.py)
+    from psky.atproto import _mst_native
+except ImportError:  # pragma: no cover - a machine without a compiler
+    _mst_native = None  # type: ignore[assignment]
+
+#: whether :func:`invert_ops` tries the C inverter first (built, and not disabled with
+#: ``PSKY_NATIVE=0``); benchmarks and tests may flip it at run time
+NATIVE_INVERSION: bool = _mst_native is not None and os.environ.get("PSKY_NATIVE", "1") != "0"
 
 _EMPTY_BYTES: Final = cbor.encode({"l": None, "e": []})
 #: root CID of a repository with no records
@@ -1032,6 +1042,10 @@ def invert_ops(
     node and MstError for invalid ops or trees. The caller compares the result with the
     event's ``prevData``.
 
+    The C inverter (:data:`NATIVE_INVERSION`) makes the reference algorithm's edits with its
+    checks on every node it loads, and returns None for anything it does not vouch for;
+    then the Python inverters below run as if it did not exist.
+
     A lean inverter handles the usual case; anything it does not vouch for (a missing node,
     an irregular node on the edited path, an op that does not match the tree) is decided
     again by the thorough algorithm (:func:`_invert_thorough`), which also produces every
@@ -1041,6 +1055,10 @@ def invert_ops(
     not an error, but that root carries the same defect and so cannot equal a valid
     ``prevData`` (see the notes on the fast inverter below).
     """
+    if NATIVE_INVERSION:
+        raw = _mst_native.invert(blocks, root_after, ops, verify)
+        if raw is not None:
+            return CID(raw)
     root = _invert_fast(blocks, root_after, ops, verify)
     if root is not None:
         return root
