@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
@@ -537,6 +538,67 @@ async def test_run_backfiller_serves_and_stops(
     assert [g["name"] for g in groups] == [cfg.group.encode()]
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+async def test_thousands_of_parked_repos_fit_a_small_redis_pool(
+    seeded_devnet: SeededDevnet, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect 9: 2,000 repos parked at once (their hosts back off longer than a worker waits)
+    used to issue one XCLAIM each, all at once, and exhausted the client's connection pool
+    (redis-py ``Too many connections``), which cost each repo an attempt. On a pool of 8
+    connections every repo is parked, then each is emitted exactly once, none fails or is
+    dead-lettered, and nothing is left pending."""
+    caplog.set_level(logging.WARNING, logger="psky.backfiller")
+    net, manifest = seeded_devnet.net, seeded_devnet.manifest
+    active = sorted(
+        (did for did, a in manifest.accounts.items() if a.status == "active"),
+        key=lambda did: len(manifest.accounts[did].records),
+    )[:8]  # the smallest repos: the test is about parking, not fetching
+    entries = [active[i % len(active)] for i in range(2000)]
+    cfg = _config(
+        redis_url, redis_prefix, net,
+        concurrency=8, batch_size=1000, host_backlog=2000, host_rate=0.0, http_timeout_s=30.0,
+    )  # fmt: skip
+    small_pool = connect(redis_url, max_connections=8)
+    try:
+        pipe = small_pool.pipeline(transaction=False)
+        for did in entries:
+            pipe.xadd(cfg.backfill_stream, backfill_fields(BackfillRequest(did=did, host="", rev="")))  # type: ignore[arg-type]
+        await pipe.execute()
+        backfiller = Backfiller(cfg, small_pool)
+        limiters = [backfiller.hosts.get(pds.url.removeprefix("http://")) for pds in net.pdses]
+        for limiter in limiters:  # every host backs off far longer than a worker waits
+            limiter.block_for(3600)
+        stop, task = await _start(backfiller)
+
+        async def drained() -> bool:
+            return await small_pool.xlen(cfg.backfill_stream) == 0 and backfiller.consumer.in_flight == 0
+
+        try:
+            await _until(
+                lambda: _value(backfiller, "backfiller_repos_deferred_total") >= len(entries),
+                "every repo parked", 120,
+            )  # fmt: skip
+            for limiter in limiters:  # the hosts relent
+                limiter.blocked_until = 0.0
+            await _until(drained, "every parked repo emitted", 240)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await backfiller.close()
+
+        events = await _events(small_pool, cfg.firehose_stream)
+        emitted = Counter(e.did for e in events if isinstance(e, RepoEvent))
+        assert emitted == Counter(entries), "a repo lost or emitted twice"
+        assert _value(backfiller, "backfiller_repos_deferred_total") >= len(entries)
+        assert _value(backfiller, "backfiller_repos_failed_total") == 0
+        assert _value(backfiller, "backfiller_retries_attempted_total") == 0
+        assert await _dead_letters(small_pool, cfg.dlq_stream) == []
+        assert (await small_pool.xpending(cfg.backfill_stream, cfg.group))["pending"] == 0
+        problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [m for m in problems if "error" in m], problems[:5]
+    finally:
+        await small_pool.aclose()
 
 
 def test_metric_names_are_the_seeds() -> None:

@@ -433,3 +433,33 @@ def test_normalized_ignores_dids_cids_and_ports_only() -> None:
     b.set_handle(other_b, "robert.pds1.test")
     assert a.normalized().diff(b.normalized()) == [
         "account did:plc:aaaaaaaaaaaaaaaaaaaaaaab: handle 'bob.pds1.test' != 'robert.pds1.test'"]
+
+
+def test_new_profiles_join_only_starter_packs_that_still_exist() -> None:
+    """Defect 8: a new account's profile picked a starter pack whose account had been deleted
+    and the planner raised KeyError building the strong ref. New profiles must join only live
+    starter packs, and still join them."""
+    p = Planner(3, ["pds1.test"])
+    for _ in range(80):
+        ev = p.new_account()
+        p.bind(ev.index, fake_did(ev.index))
+    p.rebalance_popularity()
+    owners: dict[int, list[str]] = {}
+    for batch in p.seed_batches(60):
+        for action, collection, rkey, _ in batch.writes:
+            if action == "create" and collection == "app.bsky.graph.starterpack":
+                owners.setdefault(batch.index, []).append(f"at://{fake_did(batch.index)}/{collection}/{rkey}")
+    assert len(owners) >= 3, "the seed should give several starter pack owners"
+    survivor, *doomed = sorted(owners)
+    for index in doomed:
+        assert p.status_change("deleted", index) is not None
+    live_packs = set(owners[survivor])
+    joined: Counter[str] = Counter()
+    for _ in range(400):
+        ev = p.new_account()
+        p.bind(ev.index, fake_did(ev.index))
+        for _, collection, _, value in p.initial_batch(ev.index).writes:
+            if collection == "app.bsky.actor.profile" and value is not None and "joinedViaStarterPack" in value:
+                joined[value["joinedViaStarterPack"]["uri"]] += 1
+    assert joined, "new profiles should still join the starter packs that exist"
+    assert set(joined) <= live_packs

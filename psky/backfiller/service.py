@@ -39,6 +39,7 @@ import orjson
 import redis.asyncio as aioredis
 from libipld import encode_cid
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.typing import StreamIdT
 
 from psky.backfiller.config import BackfillerConfig
 from psky.backfiller.fetch import IN_MEMORY_MAX, Fatal, FetchFailure, Permanent, Transient, fetch_repo
@@ -72,6 +73,13 @@ log = logging.getLogger("psky.backfiller")
 
 #: deliveries after which an entry is dead-lettered whatever happened (see the consumer)
 MAX_DELIVERIES_FLOOR = 25
+#: Redis calls settling single repos (retry, dead letter, acknowledgement) that may run at
+#: once: hundreds of repos can fail together (a PLC outage) and each call takes a pooled
+#: connection, so an unbounded fan-out would exhaust the client's pool (redis-py: 100)
+OUTCOME_CALLS = 8
+#: deferred repos are parked with their idle time rounded down to this step, so that repos
+#: deferred together share one XCLAIM (the jitter stays, in steps)
+DEFER_IDLE_STEP_MS = 25
 
 
 class BackfillerMetrics:
@@ -117,6 +125,16 @@ class BackfillerMetrics:
         self.host_rate_limited = Gauge(
             "backfiller_host_rate_limited", "429 answers per host", ["host"], registry=r
         )
+
+
+@dataclass(slots=True)
+class _Deferral:
+    """A repo waiting for the next parking round trip (see :meth:`Backfiller._defer`)."""
+
+    message: Message
+    idle_ms: int
+    retry_count: int
+    parked: asyncio.Future[None]
 
 
 @dataclass(slots=True)
@@ -186,6 +204,9 @@ class Backfiller:
         self._session: aiohttp.ClientSession | None = None
         self._to_settle: list[tuple[Message, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._to_defer: list[_Deferral] = []
+        self._parker: asyncio.Task[None] | None = None
+        self._outcome_calls = asyncio.Semaphore(OUTCOME_CALLS)
         self.totals = _Totals()
 
     # -- lifecycle
@@ -297,6 +318,15 @@ class Backfiller:
             self.consumer.release([message])
             raise
         except Exception as e:  # never lose the entry: record and retry later
+            if is_transient(e):
+                # Redis or the network failing is not the repo's fault: no attempt is spent;
+                # the entry stays pending and is claimed again once idle
+                log.warning(
+                    "transient error backfilling, left pending",
+                    extra={"id": message.id, "error": f"{type(e).__name__}: {e}"[:300]},
+                )
+                self.consumer.release([message])
+                return
             log.exception("unexpected error backfilling", extra={"id": message.id})
             with contextlib.suppress(Exception):
                 await self._retry(message, f"internal error: {type(e).__name__}: {e}", None)
@@ -308,7 +338,7 @@ class Backfiller:
         except MalformedMessage as e:
             m.malformed.labels(e.code).inc()
             log.error("unusable repo_backfill entry", extra={"id": message.id, "error": str(e)})
-            await self.consumer.ack([message])
+            await self._ack_one(message)
             return
         did = request.did
         try:
@@ -318,7 +348,7 @@ class Backfiller:
             if "not found" in text or "invalid DID document" in text or "unsupported DID" in text:
                 m.repos_unavailable.labels("InvalidDid").inc()
                 log.warning("DID not resolvable, skipping", extra={"did": did, "error": text})
-                await self.consumer.ack([message])
+                await self._ack_one(message)
                 return
             await self._retry(message, text, None)
             return
@@ -326,7 +356,7 @@ class Backfiller:
         if not endpoint or not key:
             m.repos_unavailable.labels("NoPdsOrKey").inc()
             log.warning("DID document lacks a PDS or signing key", extra={"did": did})
-            await self.consumer.ack([message])
+            await self._ack_one(message)
             return
         try:
             self.guard.check_url(endpoint)
@@ -513,7 +543,8 @@ class Backfiller:
             "repo backfill failed, retrying",
             extra={"id": message.id, "reason": reason, "retry_in_ms": delay, "attempt": message.deliveries},
         )
-        await self.consumer.fail([message], reason, retry_in_ms=delay)
+        async with self._outcome_calls:
+            await self.consumer.fail([message], reason, retry_in_ms=delay)
 
     async def _defer(self, message: Message, reason: str, after_s: float | None) -> None:
         """Put *message* back, claimable again in about *after_s* seconds (the host's pause,
@@ -529,16 +560,49 @@ class Backfiller:
         log.debug("repo deferred", extra={"id": message.id, "reason": reason, "retry_in_ms": delay})
         self.consumer.release([message])
         idle = max(0, c.claim_idle_ms - delay)
-        await self.redis.xclaim(
-            message.stream, c.group, c.consumer, 0, [message.id],
-            idle=idle, retrycount=max(0, message.deliveries - 1), justid=True,
-        )  # fmt: skip
+        idle -= idle % DEFER_IDLE_STEP_MS
+        parked = asyncio.get_running_loop().create_future()
+        self._to_defer.append(_Deferral(message, idle, max(0, message.deliveries - 1), parked))
+        if self._parker is None or self._parker.done():
+            self._parker = asyncio.create_task(self._park_loop())
+        await parked
+
+    async def _park_loop(self) -> None:
+        """Park every repo deferred since the last round trip in one pipeline on one
+        connection, one ``XCLAIM … JUSTID`` per (stream, idle, retry count): a host's whole
+        backlog deferred at once must not take a pooled connection per repo."""
+        c = self.config
+        while self._to_defer:
+            batch, self._to_defer = self._to_defer, []
+            groups: dict[tuple[str, int, int], list[StreamIdT]] = {}
+            for deferral in batch:
+                key = (deferral.message.stream, deferral.idle_ms, deferral.retry_count)
+                groups.setdefault(key, []).append(deferral.message.id)
+            pipe = self.redis.pipeline(transaction=False)
+            for (stream, idle, retry_count), ids in groups.items():
+                pipe.xclaim(stream, c.group, c.consumer, 0, ids, idle=idle, retrycount=retry_count, justid=True)
+            try:
+                await pipe.execute()
+            except Exception as e:
+                for deferral in batch:
+                    if not deferral.parked.done():
+                        deferral.parked.set_exception(e)
+                continue
+            for deferral in batch:
+                if not deferral.parked.done():
+                    deferral.parked.set_result(None)
 
     async def _dead_letter(self, message: Message, reason: str) -> None:
         self.metrics.repos_dead_lettered.inc()
         self.totals.dead_lettered += 1
         log.warning("repo dead-lettered", extra={"id": message.id, "reason": reason})
-        await self.consumer.dead_letter([message], reason)
+        async with self._outcome_calls:
+            await self.consumer.dead_letter([message], reason)
+
+    async def _ack_one(self, message: Message) -> None:
+        """Acknowledge a repo settled without output (bounded like the other outcomes)."""
+        async with self._outcome_calls:
+            await self.consumer.ack([message])
 
     async def _unavailable(
         self, message: Message, did: str, e: Permanent, old_status: str | None, old_active: bool | None
@@ -546,10 +610,11 @@ class Backfiller:
         """Acknowledge; tell the indexer when the status is news to what the entry said."""
         if old_status != e.status or old_active is not False:
             event = AccountEvent(seq=SEQ_BACKFILL, time=now_iso(), did=did, active=False, status=e.status)
-            await self.writer.add({"event": encode_event(event)})
-            await self.writer.flush()
+            async with self._outcome_calls:
+                await self.writer.add({"event": encode_event(event)})
+                await self.writer.flush()
         log.info("repo unavailable, acknowledged", extra={"did": did, "error": e.error})
-        await self.consumer.ack([message])
+        await self._ack_one(message)
 
     # -- progress
 

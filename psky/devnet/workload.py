@@ -995,7 +995,9 @@ class Planner:
             pinned = self._ref(self.rng.choice(a.roots))
         joined = None
         if first and self._starterpacks and self.rng.random() < 0.1:
-            joined = self._ref(self.rng.choice(self._starterpacks))
+            pack = self.rng.choice(self._starterpacks)
+            # a starter pack can be deleted meanwhile (with its account): a strong ref needs a live CID
+            joined = self._ref(pack) if pack in self.records else None
         elif old is not None and "joinedViaStarterPack" in old[1]:
             joined = old[1]["joinedViaStarterPack"]
         created = old[1].get("createdAt", self._now()) if old is not None else self._now()
@@ -1367,6 +1369,9 @@ class Planner:
         if status == "deleted":
             for uri in [u for u in self.records if u.startswith(f"at://{a.did}/")]:
                 del self.records[uri]
+            # new profiles and follows join via these: keep only starter packs that still exist
+            gone = set(a.starterpacks)
+            self._starterpacks = [u for u in self._starterpacks if u not in gone]
             for lst in (a.posts, a.roots, a.likes, a.reposts, a.lists, a.listitems, a.listblocks, a.feedgens,
                         a.starterpacks, a.verifications):
                 lst.clear()
