@@ -3,7 +3,10 @@ builders for stream events in the TypeScript wire format."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import itertools
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +15,8 @@ import asyncpg
 from psky.atproto.cbor import cid_for_cbor, encode_lex
 from psky.streams.wire import SEQ_BACKFILL, DeleteEvent, RecordEvent, StreamEvent
 
-_TEMPLATE = "psky_test_indexer_template"
+# per process: two test runs on one server (a developer and CI) must not share them
+_TEMPLATE = f"psky_test_indexer_template_{os.getpid()}"
 _counter = itertools.count()
 _template_ready = False
 
@@ -38,11 +42,26 @@ async def ensure_template(database_url: str) -> None:
         await conn.close()
     await migrate(admin_url(database_url, _TEMPLATE))
     _template_ready = True
+    atexit.register(_drop_template, database_url)
+
+
+def _drop_template(database_url: str) -> None:
+    async def drop() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {_TEMPLATE} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(drop())
+    except Exception:  # the server may be gone already (embedded PostgreSQL stopped first)
+        pass
 
 
 async def cloned_database(database_url: str) -> AsyncIterator[str]:
     await ensure_template(database_url)
-    name = f"psky_test_idx_{next(_counter)}_{id(object()) % 100000}"
+    name = f"psky_test_idx_{os.getpid()}_{next(_counter)}"
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(f"DROP DATABASE IF EXISTS {name}")

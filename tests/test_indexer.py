@@ -134,6 +134,34 @@ async def test_duplicates_and_promotion(db: asyncpg.Connection) -> None:
     assert (await agg(db, p))["likeCount"] == 1
 
 
+async def test_a_holder_that_becomes_a_duplicate_hands_on_its_duplicates(db: asyncpg.Connection) -> None:
+    """B likes the post three times. H1 (live) holds the key and D2 is filed under it; then
+    the backfilled repo brings the older H0 and H1 again at the repo's newer rev: H1 is
+    re-indexed after H0 took the key, so H1 becomes H0's duplicate — and D2 must follow it
+    to H0 (it pointed at a record holding nothing; found by the devnet run)."""
+    ev = Events()
+    p = uri(A, POST, "3kpost1")
+    await index(db, [ev.create(A, POST, "3kpost1", post())])
+    h1 = ev.create(B, LIKE, "3klike1", like(p))
+    await index(db, [h1])
+    d2 = ev.create(B, LIKE, "3klike2", like(p))
+    await index(db, [d2])
+    h0 = ev.create(B, LIKE, "3klike0", like(p))
+    h1_again = ev.create(B, LIKE, "3klike1", like(p))  # same CID, newer rev
+    await index(db, [h0, h1_again])
+    holder = await db.fetchval('SELECT uri FROM "like"')
+    dups = {r["uri"]: r["duplicateOf"] for r in await db.fetch("SELECT * FROM duplicate_record")}
+    assert set(dups) | {holder} == {h0.uri, h1.uri, d2.uri}
+    assert set(dups.values()) == {holder}
+    assert (await agg(db, p))["likeCount"] == 1
+    # and the chain still promotes: delete the holder, then the next holder
+    await index(db, [ev.delete(B, LIKE, holder.rsplit("/", 1)[1])])
+    second = await db.fetchval('SELECT uri FROM "like"')
+    assert second is not None and second != holder
+    assert {r["duplicateOf"] for r in await db.fetch("SELECT * FROM duplicate_record")} <= {second}
+    assert (await agg(db, p))["likeCount"] == 1
+
+
 async def test_invalid_and_unknown_records_are_skipped(db: asyncpg.Connection) -> None:
     ev = Events()
     bad = ev.create(A, POST, "3kpost1", {"text": 5, "createdAt": "x"})

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -293,3 +294,37 @@ def test_the_command_requires_a_consumer_name(redis_url: str, database_url: str)
                          timeout=60)  # fmt: skip
     assert res.returncode == 2
     assert "INDEXER_CONSUMER" in res.stderr
+
+
+async def test_a_database_down_at_start_up_is_waited_out(
+    redis_url: str, db_url: str, redis_prefix: str, redis: aioredis.Redis
+) -> None:
+    """``run_indexer`` started while the database closes its connections (migration and pool
+    both fail): it waits, starts once the database answers, and indexes what was queued."""
+    from psky.devnet.tcp_proxy import LatencyProxy
+    from psky.indexer.service import run_indexer
+
+    refusing = LatencyProxy("127.0.0.1", 9)  # discard port: nothing listens, every connection closes
+    proxy = LatencyProxy.for_url(db_url)
+    real_port = proxy.target_port
+    proxy.target_port = refusing.target_port
+    async with proxy:
+        config = _config(redis_url, proxy.url(db_url), redis_prefix, concurrency=1, migrate=True)
+        live = config.streams[0]
+        ev = Events()
+        await _add(redis, live, [ev.create(A, POST, f"3kp{i}", post()) for i in range(5)])
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_indexer(config, stop=stop))
+        try:
+            await _wait(lambda: _attempts(proxy, 3))
+            assert not task.done(), "the indexer gave up on a database that was only down"
+            proxy.target_port = real_port
+            await _wait(lambda: _count(db_url, "post", 5))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert (await redis.xpending(live, config.group))["pending"] == 0
+
+
+async def _attempts(proxy: Any, n: int) -> bool:
+    return bool(proxy.stats.connections >= n)

@@ -182,16 +182,16 @@ class Actors:
     async def finish(self, conn: asyncpg.Connection, items: Sequence[Item]) -> None:
         """Account statuses and handles of the batch, on ``actor`` rows locked in DID order
         first (one order for every batch: concurrent batches never deadlock on them)."""
-        statuses: dict[str, str | None] = {}
+        statuses: dict[str, tuple[str | None, str]] = {}
         for item in items:
             e = item.event
             if isinstance(e, AccountEvent):
                 if e.active:
-                    statuses[e.did] = None
+                    statuses[e.did] = (None, e.time)
                 elif e.status == "deleted":
                     statuses.pop(e.did, None)
                 else:
-                    statuses[e.did] = e.status or "deactivated"
+                    statuses[e.did] = (e.status or "deactivated", e.time)
         handle_dids = {item.event.did for item in items if item.handle is not None and item.handle[1]}
         dids = sorted(set(statuses) | handle_dids)
         if not dids:
@@ -204,12 +204,17 @@ class Actors:
         )
         if statuses:
             keys = sorted(statuses)
-            # a deleted account's marker only goes with an explicit reactivation
+            # a deleted account's marker only goes with a reactivation newer than the deletion
+            # (its time is the marker's "indexedAt"): an older one indexed late, by a batch
+            # that waited out the database or another consumer, must not bring it back
             await conn.execute(
-                'UPDATE actor a SET "upstreamStatus" = t.s FROM unnest($1::text[], $2::text[]) AS t(d, s)'
-                " WHERE a.did = t.d AND (a.\"upstreamStatus\" IS DISTINCT FROM 'deleted' OR t.s IS NULL)",
+                'UPDATE actor a SET "upstreamStatus" = t.s'
+                " FROM unnest($1::text[], $2::text[], $3::text[]) AS t(d, s, at)"
+                " WHERE a.did = t.d AND (a.\"upstreamStatus\" IS DISTINCT FROM 'deleted'"
+                ' OR (t.s IS NULL AND t.at > a."indexedAt"))',
                 keys,
-                [statuses[k] for k in keys],
+                [statuses[k][0] for k in keys],
+                [statuses[k][1] for k in keys],
             )
         await self.apply_handles(conn, items)
 
@@ -275,7 +280,8 @@ async def unindex_actor(conn: asyncpg.Connection, did: str, at: str, totals: Tot
     # row lock orders this deletion with batches holding the row (see _skip_deleted_accounts)
     await conn.execute(
         'INSERT INTO actor (did, handle, "indexedAt", "upstreamStatus") VALUES ($1, NULL, $2, \'deleted\')'
-        " ON CONFLICT (did) DO UPDATE SET handle = NULL, \"upstreamStatus\" = 'deleted'",
+        " ON CONFLICT (did) DO UPDATE SET handle = NULL, \"upstreamStatus\" = 'deleted',"
+        ' "indexedAt" = greatest(actor."indexedAt", excluded."indexedAt")',
         did,
         at,
     )

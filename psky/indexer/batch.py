@@ -651,6 +651,15 @@ async def _duplicates(
             ' "indexedAt" = excluded."indexedAt"',
             *[list(c) for c in zip(*dups, strict=True)],
         )
+        # a record filed here may have held the key until now (re-indexed after an older
+        # record took it): its duplicates go with it to the new holder
+        await conn.execute(
+            'UPDATE duplicate_record d SET "duplicateOf" = t.holder'
+            " FROM unnest($1::text[], $2::text[]) AS t(dup, holder)"
+            ' WHERE d."duplicateOf" = t.dup',
+            [d[0] for d in dups],
+            [d[2] for d in dups],
+        )
 
 
 async def _write_notifications(ctx: WaveContext) -> int:
@@ -692,8 +701,11 @@ async def _write_aggregates(ctx: Totals) -> None:
             if t == table and delta:
                 deltas.setdefault(key, [0, 0, 0])[columns.index(column)] += delta
         if table == "post_agg":
-            for subject in ctx.quotes:
-                deltas.setdefault(subject, [0, 0, 0])
+            # a counter row for quotes to land on; a recount that found none creates no row
+            # (absent is 0, and the result then does not depend on the order of batches)
+            for subject, (_, n) in ctx.quotes.items():
+                if n > 0:
+                    deltas.setdefault(subject, [0, 0, 0])
         # counters of deleted accounts (and their posts) are not brought back by late deltas
         for key in [k for k in deltas if _account_of(k) in gone]:
             del deltas[key]

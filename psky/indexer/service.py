@@ -18,14 +18,15 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from psky.atproto.lexicon import Lexicons
+from psky.db.migrations import MigrationError
 from psky.db.pool import create_pool
 from psky.identity import IdentityResolver
 from psky.indexer.actors import Actors, RedisDidCache
@@ -436,17 +437,52 @@ class Indexer:
         }
 
 
+_T = TypeVar("_T")
+
+
+async def _when_database_answers(
+    step: Callable[[], Awaitable[_T]], stop: asyncio.Event, what: str
+) -> _T | None:
+    """Run a start-up step, waiting out a database that is down, restarting or refusing
+    connections (the same rule as mid-run), so a supervisor does not have to; a configuration
+    error (wrong password, missing database) still ends the start. None: stopped meanwhile."""
+    delay = 0.5
+    while True:
+        try:
+            return await step()
+        except Exception as e:
+            cause = e.__cause__ if isinstance(e, MigrationError) and e.__cause__ is not None else e
+            if not _is_db_outage(cause) or stop.is_set():
+                raise
+            log.warning(
+                "database unavailable at start-up, waiting",
+                extra={"step": what, "error": f"{type(cause).__name__}: {cause}"[:300], "retry_in_s": delay},
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, 10.0)
+
+
 async def run_indexer(config: IndexerConfig, *, stop: asyncio.Event) -> None:
     """The ``psky indexer`` service: migrations, metrics/health server, consumers, until *stop*."""
     if config.migrate:
         from psky.db.migrations import migrate
 
-        await migrate(config.database_url)
-    redis = connect(config.redis_url)
-    pool = await create_pool(
-        config.database_url, min_size=config.pool_min, max_size=config.pool_max,
-        pgbouncer=config.pgbouncer, application_name=f"psky-indexer-{config.consumer}",
+        if await _when_database_answers(lambda: migrate(config.database_url), stop, "migrate") is None:
+            return
+    pool = await _when_database_answers(
+        lambda: create_pool(
+            config.database_url, min_size=config.pool_min, max_size=config.pool_max,
+            pgbouncer=config.pgbouncer, application_name=f"psky-indexer-{config.consumer}",
+        ),
+        stop,
+        "open the pool",
     )  # fmt: skip
+    if pool is None:
+        return
+    redis = connect(config.redis_url)
     resolver = (
         IdentityResolver(config.plc_url, handle_map=config.handle_map) if config.did_resolution else None
     )
