@@ -123,8 +123,22 @@ def encode_varint(n: int) -> bytes:
 # --- header and sections -----------------------------------------------------------------
 
 
+#: the canonical header of a CAR with one root (every firehose commit): the fixed bytes
+#: around the root's 36-byte CID, ``{roots: [CID], version: 1}`` with sorted keys
+_ONE_ROOT_HEAD: Final = b"\xa2\x65roots\x81\xd8\x2a\x58\x25\x00"
+_ONE_ROOT_TAIL: Final = b"\x67version\x01"
+_ONE_ROOT_LEN: Final = len(_ONE_ROOT_HEAD) + 36 + len(_ONE_ROOT_TAIL)
+
+
 def _parse_header(data: bytes, pos: int, end: int) -> list[CID]:
     """Decode and check the header object in ``data[pos:end]``."""
+    if end - pos == _ONE_ROOT_LEN and data.startswith(_ONE_ROOT_HEAD, pos):
+        # the usual header, byte for byte: what the decoder would return, without decoding
+        cid_at = pos + len(_ONE_ROOT_HEAD)
+        if data.startswith(_ONE_ROOT_TAIL, cid_at + 36) and (
+            data.startswith(_PFX_CBOR, cid_at) or data.startswith(_PFX_RAW, cid_at)
+        ):
+            return [CID(data[cid_at : cid_at + 36])]
     try:
         header = cbor.decode(data[pos:end])
     except cbor.DecodeError as e:

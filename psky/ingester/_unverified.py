@@ -21,10 +21,9 @@ from psky.atproto.firehose import (
     CommitEvent,
     CommitResult,
     RecordOp,
+    _split_path,
     process_commit,
 )
-from psky.atproto.mst import is_valid_key
-from psky.atproto.syntax import is_valid_nsid, is_valid_record_key
 
 __all__ = ["process_commit_unverified"]
 
@@ -70,10 +69,10 @@ def process_commit_unverified(ev: CommitEvent) -> CommitResult:
     seen: set[str] = set()
     for op in ev.ops:
         path, action, cid = op.path, op.action, op.cid
-        collection, sep, rkey = path.partition("/")
-        if (path in seen or not sep or not is_valid_key(path) or not is_valid_nsid(collection)
-                or not is_valid_record_key(rkey)):
+        split = _split_path(path)  # a path it accepts is also a valid repo path (MST key)
+        if split is None or path in seen:
             break
+        collection, rkey = split
         seen.add(path)
         if action == "delete":
             if cid is not None:

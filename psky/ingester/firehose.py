@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
+from psky.atproto.cbor import cid_str
 from psky.atproto.firehose import (
     AccountEvent,
     CommitEvent,
@@ -78,10 +79,12 @@ class FirehoseIngester:
             high_water_mark=config.firehose_high_water_mark,
             batch_size=config.batch_size,
             batch_timeout_ms=config.batch_timeout_ms,
+            pipeline=True,  # the next frames are processed while Redis writes a batch
         )
         self.states = RepoStateStore(redis, config.firehose_stream, max_entries=config.repo_state_cache)
         self._raw = raw_client(redis)
         self.filter = CollectionFilter(config.collections)
+        self._keep_all = "*" in self.filter.patterns  # no filter call per op
         self.last_seq: int | None = None
         self._loaded = False
         self.connected = False
@@ -258,21 +261,24 @@ class FirehoseIngester:
                 await self._resync(ev.repo, ev.rev, "incomplete")
         if self.verify != "off":
             data = result.data
-            value = self.states.put(ev.repo, RepoState(ev.rev, data.encode() if data is not None else ""))
+            value = self.states.put(ev.repo, RepoState(ev.rev, cid_str(data) if data is not None else ""))
             self.writer.set_cursor_after(state_key(self.config.firehose_stream, ev.repo), value)
-        kept = [op for op in result.ops if self.filter(op.collection)]
-        if len(kept) != len(result.ops):
-            self._filtered.inc(len(result.ops) - len(kept))
-            result.ops = kept
+        if not self._keep_all:
+            kept = [op for op in result.ops if self.filter(op.collection)]
+            if len(kept) != len(result.ops):
+                self._filtered.inc(len(result.ops) - len(kept))
+                result.ops = kept
         events = to_stream_events(result, ev)
         if not events:
             return
         dumps = orjson.dumps
-        await self.writer.add_many([{"event": dumps(event)} for event in events])
+        entries = []
         counts: dict[str, int] = {}
         for event in events:
+            entries.append({"event": dumps(event)})
             kind = event["type"]
             counts[kind] = counts.get(kind, 0) + 1
+        await self.writer.add_many(entries)
         for kind, n in counts.items():
             self._events[kind].inc(n)
 
@@ -290,11 +296,11 @@ class FirehoseIngester:
         state = await self.states.get(ev.repo)
         if state is not None:
             data = result.data
-            if ev.rev == state.rev and data is not None and data.encode() == state.data:
+            if ev.rev == state.rev and data is not None and cid_str(data) == state.data:
                 pass  # the same commit again (replayed after a stop mid-commit): at least once
             elif ev.rev <= state.rev:
                 reasons.append("rev-not-newer")
-            elif ev.prev_data is not None and state.data and ev.prev_data.encode() != state.data:
+            elif ev.prev_data is not None and state.data and cid_str(ev.prev_data) != state.data:
                 reasons.append("prev-data-mismatch")
         return result, reasons
 
@@ -307,7 +313,7 @@ class FirehoseIngester:
                 self._fail(reason)
             if not reasons or self.verify == "lenient":
                 data: Any = res.commit.data if res.commit is not None else None
-                state = RepoState(ev.rev, data.encode() if data is not None else "")
+                state = RepoState(ev.rev, cid_str(data) if data is not None else "")
                 self.writer.set_cursor_after(state_key(self.config.firehose_stream, ev.did),
                                              self.states.put(ev.did, state))
         await self._resync(ev.did, ev.rev, "sync")

@@ -7,7 +7,8 @@ is, and one call per batch costs the client far less than a pipeline of n comman
 2.5× the throughput). The ``XLEN`` at the end of each batch feeds the high-water mark: while
 the stream is at or above it, :meth:`StreamWriter.wait_below_high_water_mark` (and so
 :meth:`StreamWriter.add` once a batch is full) waits, polling ``XLEN`` with growing
-intervals, and the caller stops reading its source. Memory is bounded by one batch per writer.
+intervals, and the caller stops reading its source. Memory is bounded by one batch per writer
+(two with ``pipeline``).
 In Redis Cluster all keys of one writer (its streams and cursor keys) must share a hash slot.
 
 Delivery is at least once: a batch whose reply is lost (connection cut after Redis ran it)
@@ -19,6 +20,7 @@ written is ever covered by a stored cursor, so a crash loses nothing the source 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -66,6 +68,8 @@ for c = 0, ncursors - 1 do
 end
 return {added, redis.call('XLEN', KEYS[1])}
 """)
+#: pipelined writes: entries added between two yields to the event loop while a batch is written
+_YIELD_EVERY = 32
 _NAMES: dict[str, bytes] = {}
 _U32 = next(code for code in "IL" if array(code).itemsize == 4)
 
@@ -94,6 +98,12 @@ def _value_bytes(value: FieldValue) -> bytes:
 FieldValue = bytes | bytearray | memoryview | str | int | float
 
 
+def _mark_retrieved(task: asyncio.Task[None]) -> None:
+    """A pipelined write's error reaches the next add() or flush(); asyncio need not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(slots=True)
 class WriterStats:
     written: int = 0  # entries written (a retried batch counts once)
@@ -114,6 +124,13 @@ class StreamWriter:
     flush timer; without it, call :meth:`flush` yourself. Transient errors (connection
     loss, LOADING, OOM when Redis is full…) are retried with backoff forever when ``retry``
     is set, which is what a service wants: it stops reading its source until Redis is back.
+
+    ``pipeline`` writes a full batch in the background while the caller fills the next one
+    (at most one batch in flight, batches written in order, each with its cursors): the
+    caller's CPU time and Redis's run side by side instead of in turn. A full batch then
+    waits for the previous one, whose failure :meth:`add` raises (that batch is back at the
+    front of the buffer, as after a failed :meth:`flush`); :meth:`flush` and :meth:`close`
+    wait for it and write it again if it failed. Memory is bounded by two batches.
     """
 
     def __init__(
@@ -127,6 +144,7 @@ class StreamWriter:
         retry: bool = True,
         poll_min_ms: int = 20,
         poll_max_ms: int = 1000,
+        pipeline: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -147,13 +165,18 @@ class StreamWriter:
         self._first_at: float | None = None  # monotonic time the oldest buffered item arrived
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
+        self.pipeline = pipeline
+        self._in_flight: asyncio.Task[None] | None = None  # pipelined: the batch being written
+        # pipelined: a full batch taken from the buffer, not yet written (older than the buffer)
+        self._pending: tuple[list[tuple[str, Mapping[str, FieldValue]]], dict[str, str]] | None = None
+        self._next_yield_at = sys.maxsize  # pipelined: buffer length at which to yield next
         self.stats = WriterStats()
 
     # -- buffering
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + (len(self._pending[0]) if self._pending is not None else 0)
 
     async def add(self, fields: Mapping[str, FieldValue], *, stream: str | None = None) -> None:
         """Queue one entry; when the batch is full, write it (waiting at the high-water mark)."""
@@ -161,7 +184,9 @@ class StreamWriter:
         if self._first_at is None:
             self._first_at = time.monotonic()
         if len(self._buffer) >= self.batch_size:
-            await self.flush()
+            await self._batch_full()
+        elif len(self._buffer) >= self._next_yield_at:
+            await self._let_write_progress()
 
     async def add_many(
         self, entries: Iterable[Mapping[str, FieldValue]], *, stream: str | None = None
@@ -174,7 +199,43 @@ class StreamWriter:
             if self._first_at is None:
                 self._first_at = time.monotonic()
             if len(self._buffer) >= size:
-                await self.flush()
+                await self._batch_full()
+        if len(self._buffer) >= self._next_yield_at:
+            await self._let_write_progress()
+
+    async def _let_write_progress(self) -> None:
+        """Yield to the event loop now and then while a pipelined batch is being written.
+
+        A caller whose input is always ready (a busy relay) never waits, so the loop would
+        not run the write (the rest of a large send, Redis's reply) until the next batch is
+        full and the overlap would be lost; one yield per ``_YIELD_EVERY`` entries keeps it
+        going at the cost of a few loop iterations per batch."""
+        if self._in_flight is None or self._in_flight.done():
+            self._next_yield_at = sys.maxsize
+            return
+        self._next_yield_at = len(self._buffer) + _YIELD_EVERY
+        await asyncio.sleep(0)
+
+    async def _batch_full(self) -> None:
+        """Write the full batch: at once, or (``pipeline``) in the background once the
+        previous batch is written, so that the caller fills the next batch meanwhile."""
+        if not self.pipeline:
+            await self.flush()
+            return
+        task, self._in_flight = self._in_flight, None
+        if task is not None:
+            await task  # its error is the caller's (its batch is back in the buffer)
+        # the caller waits at the high-water mark, not the write: close() never waits for room
+        await self.wait_below_high_water_mark()
+        # taken now, written in order: whoever holds the lock next writes it before the buffer
+        self._pending = (self._buffer, self._cursors)
+        self._buffer, self._cursors, self._first_at = [], {}, None
+        task = asyncio.get_running_loop().create_task(self._flush_buffer(False, pending_only=True),
+                                                      name=f"write:{self.stream}")
+        task.add_done_callback(_mark_retrieved)
+        self._in_flight = task
+        self._next_yield_at = _YIELD_EVERY
+        await asyncio.sleep(0)  # let it send the batch now; Redis runs it while the caller goes on
 
     def set_cursor_after(self, key: str, value: str | int) -> None:
         """Store ``key = value`` once every entry added so far is written (in the same
@@ -190,14 +251,33 @@ class StreamWriter:
         """Write everything buffered now (no-op when empty). On a non-retried error the
         batch goes back to the front of the buffer and the error propagates.
         ``wait_for_room=False`` writes even at the high-water mark (the final flush)."""
+        task = self._in_flight
+        if task is not None:
+            # a batch that failed in the background is back in the buffer: written again below,
+            # so this flush's outcome replaces that error (waiting never cancels the write)
+            await asyncio.wait((task,))
+            if self._in_flight is task:
+                self._in_flight = None
+        await self._flush_buffer(wait_for_room)
+
+    async def _flush_buffer(self, wait_for_room: bool, *, pending_only: bool = False) -> None:
         async with self._lock:
-            if not self._buffer and not self._cursors:
+            batch: list[tuple[str, Mapping[str, FieldValue]]] = []
+            cursors: dict[str, str] = {}
+            if self._pending is not None:  # older than the buffer
+                (batch, cursors), self._pending = self._pending, None
+            if not pending_only and (self._buffer or self._cursors):
+                batch = batch + self._buffer if batch else self._buffer
+                cursors = {**cursors, **self._cursors} if cursors else self._cursors
+                self._buffer, self._cursors, self._first_at = [], {}, None
+            if not batch and not cursors:
                 return
-            batch, cursors = self._buffer, self._cursors
-            self._buffer, self._cursors, self._first_at = [], {}, None
             try:
                 await self._write(batch, cursors, wait_for_room)
             except BaseException:
+                if self._pending is not None:  # taken meanwhile, newer than this batch
+                    (later, later_cursors), self._pending = self._pending, None
+                    batch, cursors = batch + later, {**cursors, **later_cursors}
                 self._buffer = batch + self._buffer
                 self._cursors = {**cursors, **self._cursors}
                 if self._first_at is None:
@@ -345,6 +425,11 @@ class StreamWriter:
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             await self.close()
-        elif self._timer is not None:  # failing: do not block on Redis, just stop the timer
-            await cancel_and_wait(self._timer)
-            self._timer = None
+        else:  # failing: do not block on Redis, just stop the timer (and a pipelined write)
+            if self._timer is not None:
+                await cancel_and_wait(self._timer)
+                self._timer = None
+            if self._in_flight is not None:
+                with contextlib.suppress(Exception):  # the error being raised is the one to see
+                    await cancel_and_wait(self._in_flight)
+                self._in_flight = None
