@@ -3,10 +3,10 @@ and backfiller (getRepo of every account) → Redis → :class:`~psky.indexer.se
 PostgreSQL, then every table checked against the ground truth, and a replay of the same
 events shown to change nothing.
 
-The indexer runs one worker over both streams at once. (With three concurrent workers a rare
-dangling duplicate — a ``duplicate_record`` row whose holder is gone — was seen in this
-workload; concurrent consumers are covered by the property tests on every order-free table,
-and the dangling case is an open defect.) Regressions found by this run are at the end."""
+The indexer runs three concurrent workers over both streams at once, so batches of the live
+and the backfill stream race each other as in production (this run found the duplicate that
+pointed at a record holding nothing, and the older reactivation that cleared a deletion
+marker). Regressions found by this run are at the end."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def _indexer_config(redis_url: str, database_url: str, p: Pipeline) -> IndexerCo
     return IndexerConfig(
         redis_url=redis_url, database_url=database_url, consumer="indexer-1", streams=(p.live, p.backfill),
         group=p.prefix + "firehose_group", label_stream=p.labels, label_group=p.prefix + "label_group",
-        concurrency=1, batch_size=100, notify_streams=(p.live,), plc_url=p.net.plc.url,
+        concurrency=3, batch_size=100, notify_streams=(p.live,), plc_url=p.net.plc.url,
         handle_map=p.net.handle_resolver_map(), claim_idle_ms=5_000, metrics_port=0,
     )  # fmt: skip
 
@@ -358,7 +358,7 @@ class Indexed:
 
 @pytest.fixture(scope="module")
 async def indexed(pipeline: Pipeline, redis_url: str, database_url: str) -> AsyncIterator[Indexed]:
-    """One indexer run over the whole history in stream order (one worker): the firehose
+    """One indexer run (three workers) over the whole history: the firehose
     first, then the backfilled repositories, as a catching-up deployment sees them."""
     p = pipeline
     redis = aioredis.from_url(redis_url)
