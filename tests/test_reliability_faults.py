@@ -436,3 +436,27 @@ async def test_a_like_and_its_accounts_deletion_in_one_batch_leave_the_count_exa
         assert (await conn.fetchval('SELECT "likeCount" FROM post_agg WHERE uri = $1', subject) or 0) == rows
     finally:
         await conn.close()
+
+
+async def test_records_after_the_deletion_in_the_same_batch_are_not_indexed(db: str) -> None:
+    """A batch mixes the live and the backfill stream: A's deletion (live) and then records of a
+    repo fetched before it (backfill). The deletion runs in stream order and removed what came
+    before it; the records after it were indexed after the removal and outlived the account
+    (found by the 600 s soak: 22 records of a deleted account)."""
+    conn = await asyncpg.connect(db)
+    try:
+        ev = Events()
+        await _apply(conn, [ev.create(_B, _FOLLOW, "3kf1", follow(_A))])
+        batch = [ev.create(_A, _POST, "3kpost1", post()), ev.create(_A, _FOLLOW, "3kf2", follow(_B)),
+                 _account_deleted(ev, _A), ev.create(_A, _POST, "3kpost2", post()),
+                 ev.create(_A, _LIKE, "3klike1", like(uri(_B, _POST, "3kx")))]  # fmt: skip
+        await _apply(conn, batch)
+        assert await conn.fetchval("SELECT count(*) FROM record WHERE did = $1 AND json <> ''", _A) == 0
+        for table in ("post", "follow", '"like"'):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE creator = $1", _A) == 0, table
+        assert await conn.fetchval("SELECT count(*) FROM actor_sync WHERE did = $1", _A) == 0
+        # B still follows A (B's record), A's follow of B went with A
+        assert await conn.fetchval('SELECT "followsCount" FROM profile_agg WHERE did = $1', _B) == 1
+        assert await conn.fetchval('SELECT "followersCount" FROM profile_agg WHERE did = $1', _B) in (None, 0)
+    finally:
+        await conn.close()

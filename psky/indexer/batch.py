@@ -861,6 +861,28 @@ async def _skip_deleted_accounts(
     return gone
 
 
+def _skip_after_deletion(items: list[Item], result: BatchResult) -> set[str]:
+    """Records of an account that come after its deletion in the batch are not indexed. The
+    deletion runs in stream order and removes what came before it; what follows it (a batch
+    mixes the live and the backfill stream, and a repo fetched before the deletion reaches the
+    backfill stream after it) would otherwise be indexed after the removal. Returns the
+    accounts the batch leaves deleted (a newer reactivation in the batch undoes a deletion)."""
+    deleted: dict[str, str] = {}
+    for item in items:
+        e = item.event
+        if item.skipped is not None:
+            continue
+        if isinstance(e, AccountEvent):
+            if not e.active and e.status == "deleted":
+                deleted[e.did] = max(deleted.get(e.did, ""), e.time)
+            elif e.active and e.did in deleted and e.time > deleted[e.did]:
+                del deleted[e.did]
+        elif item.op is not None and item.op.did in deleted:
+            item.skipped = "account_deleted"
+            result.skipped["account_deleted"] += 1
+    return set(deleted)
+
+
 async def apply_batch(
     conn: asyncpg.Connection,
     items: list[Item],
@@ -882,6 +904,7 @@ async def apply_batch(
     async with conn.transaction():
         # accounts first, then records: the same order in every batch and in account deletions
         gone = await _skip_deleted_accounts(conn, items, result)
+        gone |= _skip_after_deletion(items, result)
         fresh = await _lock_records(conn, items)
         await _read_prior_keys(conn, items)
         waves = _plan(items, await _gated_roots(conn, items))
