@@ -4,7 +4,10 @@ A devnet (PLC + PDSes + relay) runs in a child process, seeded with ``--accounts
 of about ``--records`` records each, so the relay holds that many frames. The ingester in
 this process then reads the relay's whole ``subscribeRepos`` history once per verification
 mode (``off``, ``lenient``, ``strict``: each a separate cursor and stream) and the figures
-printed are frames/s and events/s into Redis, CPU of this process and its peak RSS.
+printed are frames/s and events/s into Redis, CPU of this process and its peak RSS, and how
+many DID documents the devnet PLC served and how many of those requests overlapped at most.
+``--plc-latency-ms`` delays every DID document (after seeding) like a distant directory: each
+mode starts with a cold key cache, so this shows how well resolutions overlap processing.
 The issue's goals on one core: >= 30,000 frames/s unverified, >= 10,000 verified, <= 150 MB.
 
 ``--backpressure-seconds N`` measures memory under backpressure instead: the devnet keeps
@@ -16,7 +19,7 @@ max-min spread at the end (it must stay flat: bounded queues, TCP flow control h
 Redis: ``REDIS_URL`` if set, else an embedded server in a temporary directory.
 
 Usage: python benchmarks/bench_ingester.py [--accounts 500] [--records 40] [--pds 2]
-       [--modes off,lenient] [--profile]
+       [--modes off,lenient] [--profile] [--plc-latency-ms 50]
        [--backpressure-seconds N [--live-rate 200] [--high-water-mark 5000] [--sample-seconds 5]]
 """
 
@@ -43,7 +46,8 @@ from psky.ops.embedded import EmbeddedServices
 from psky.streams import connect, cursor_key
 
 
-def _devnet_main(conn: Connection, n_pds: int, accounts: int, records: int, live_rate: float) -> None:
+def _devnet_main(conn: Connection, n_pds: int, accounts: int, records: int, live_rate: float,
+                 plc_latency_ms: float = 0.0) -> None:
     async def main() -> None:
         async with Devnet(n_pds=n_pds, seed=13, labeler=False) as net:
             started = time.perf_counter()
@@ -52,10 +56,18 @@ def _devnet_main(conn: Connection, n_pds: int, accounts: int, records: int, live
             seq = await net.settle(timeout_s=600)
             assert net.relay is not None
             conn.send((net.relay.url, net.plc.url, seq, time.perf_counter() - started))
+            net.plc.document_delay_ms = plc_latency_ms  # seeding ran at full speed
             live = asyncio.create_task(workload.live(rate=live_rate, duration=1e9)) if live_rate > 0 else None
             loop = asyncio.get_running_loop()
-            while (await loop.run_in_executor(None, conn.recv)) == "seq":  # until told to stop
-                conn.send(net.relay.seq)
+            while True:  # answer questions until told to stop
+                question = await loop.run_in_executor(None, conn.recv)
+                if question == "seq":
+                    conn.send(net.relay.seq)
+                elif question == "plc":  # DID document requests since the last question
+                    conn.send((net.plc.document_requests, net.plc.max_documents_in_flight))
+                    net.plc.reset_document_counters()
+                else:
+                    break
             if live is not None:
                 live.cancel()
 
@@ -81,7 +93,7 @@ async def _redis_url() -> AsyncIterator[str]:
             yield services.redis_url()
 
 
-async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: bool) -> None:
+async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: bool, conn: Connection) -> None:
     prefix = f"bench:{os.getpid()}:{mode}:"
     config = IngesterConfig.from_env({
         "REDIS_URL": url, "INGESTER_MODE": "firehose", "INGESTER_RELAY_HOSTS": relay, "PLC_URL": plc,
@@ -94,6 +106,9 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
     stop = asyncio.Event()
     registry = CollectorRegistry()
     profiler = cProfile.Profile() if profile else None
+    loop = asyncio.get_running_loop()
+    conn.send("plc")  # reset the devnet PLC's request counters
+    await loop.run_in_executor(None, conn.recv)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     if profiler is not None:
@@ -119,11 +134,14 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
             if s.name == "ingester_verification_failures_total"
         )
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        conn.send("plc")
+        plc_requests, plc_overlap = await loop.run_in_executor(None, conn.recv)
         print(f"verify={mode}: {frames or 0:.0f} frames, {events} events in {elapsed:.2f}s "
               f"({failures:.0f} verification failures)")
         print(f"  {(frames or 0) / elapsed:,.0f} frames/s, {events / elapsed:,.0f} events/s; "
               f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core), "
               f"peak RSS {cpu1.ru_maxrss / 1024:.0f} MB")
+        print(f"  {plc_requests} DID document requests at the PLC, at most {plc_overlap} at once")
     finally:
         keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
         if keys:
@@ -192,7 +210,8 @@ async def bench(args: argparse.Namespace) -> None:
     parent, child = multiprocessing.Pipe()
     live_rate = args.live_rate if args.backpressure_seconds else 0.0
     proc = multiprocessing.get_context("spawn").Process(
-        target=_devnet_main, args=(child, args.pds, args.accounts, args.records, live_rate), daemon=True
+        target=_devnet_main, args=(child, args.pds, args.accounts, args.records, live_rate, args.plc_latency_ms),
+        daemon=True,
     )
     proc.start()
     try:
@@ -203,7 +222,7 @@ async def bench(args: argparse.Namespace) -> None:
                 await _backpressure(url, relay, plc, parent, args)
                 return
             for mode in args.modes.split(","):
-                await _one(url, relay, plc, seq, mode.strip(), args.profile)
+                await _one(url, relay, plc, seq, mode.strip(), args.profile, parent)
     finally:
         parent.send("stop")
         proc.join(10)
@@ -221,6 +240,8 @@ def main() -> None:
     p.add_argument("--live-rate", type=float, default=200.0, help="live events/s the devnet produces meanwhile")
     p.add_argument("--high-water-mark", type=int, default=5000)
     p.add_argument("--sample-seconds", type=float, default=5.0)
+    p.add_argument("--plc-latency-ms", type=float, default=0.0,
+                   help="delay every DID document the devnet PLC serves (a distant directory, cold cache)")
     asyncio.run(bench(p.parse_args()))
 
 

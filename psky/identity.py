@@ -8,7 +8,9 @@ a handle matching a pattern is asked at that base URL with the handle in the `Ho
 
 Services resolve the same few DIDs over and over (every commit needs its author's signing
 key), so documents are cached; `invalidate()` drops one when an `#identity` event says it
-changed. Documents are parsed by `psky.atproto.did`, which accepts both the absolute
+changed. Fetches are numbered as they start, so a reader that looks ahead in a stream can
+invalidate only what was fetched before it read the `#identity` event (`checkpoint()`):
+a document fetched after that already reflects the change and is kept. Documents are parsed by `psky.atproto.did`, which accepts both the absolute
 (`did:plc:…#atproto`) and relative (`#atproto`) ids that real documents use.
 """
 
@@ -68,8 +70,11 @@ class IdentityResolver:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._cache: OrderedDict[str, tuple[float, DidDocument]] = OrderedDict()
-        self._inflight: dict[str, asyncio.Future[DidDocument]] = {}
+        #: did → (expiry, document, number of the fetch that got it)
+        self._cache: OrderedDict[str, tuple[float, DidDocument, int]] = OrderedDict()
+        self._inflight: dict[str, tuple[asyncio.Future[DidDocument], int]] = {}
+        self._fetches_started = 0
+        self._stale_fetches: set[int] = set()  # in flight when invalidated: not cached
         self._session = session
         self._own_session = session is None
 
@@ -89,8 +94,25 @@ class IdentityResolver:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
-    def invalidate(self, did: str) -> None:
-        self._cache.pop(did, None)
+    def checkpoint(self) -> int:
+        """A mark for :meth:`invalidate`: fetches started from now on are at or above it."""
+        return self._fetches_started
+
+    def invalidate(self, did: str, *, fetched_before: int | None = None) -> None:
+        """Forget *did*'s document (and do not cache a fetch of it now in flight); with
+        *fetched_before* (a :meth:`checkpoint`), only when it was fetched before that mark."""
+        limit = self._fetches_started if fetched_before is None else fetched_before
+        hit = self._cache.get(did)
+        if hit is not None and hit[2] < limit:
+            del self._cache[did]
+        pending = self._inflight.get(did)
+        if pending is not None and pending[1] < limit:
+            self._stale_fetches.add(pending[1])
+
+    def cached(self, did: str) -> DidDocument | None:
+        """The cached document when fresh, without fetching (None: a resolve would fetch)."""
+        hit = self._cache.get(did)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
 
     def document_url(self, did: str) -> str:
         if did.startswith("did:plc:"):
@@ -107,23 +129,29 @@ class IdentityResolver:
             return hit[1]
         pending = self._inflight.get(did)
         if pending is not None:
-            return await asyncio.shield(pending)
+            return await asyncio.shield(pending[0])
         fut: asyncio.Future[DidDocument] = asyncio.get_running_loop().create_future()
-        self._inflight[did] = fut
+        number = self._fetches_started
+        self._fetches_started += 1
+        self._inflight[did] = (fut, number)
         try:
             doc = await self._fetch(did)
-            self._store(did, doc)
+            if number in self._stale_fetches:  # invalidated while in flight: answer, not cached
+                self._stale_fetches.discard(number)
+            else:
+                self._store(did, doc, number)
             fut.set_result(doc)
             return doc
         except BaseException as e:
+            self._stale_fetches.discard(number)
             fut.set_exception(e)
             fut.exception()  # mark retrieved: a lone caller must not log "never retrieved"
             raise
         finally:
             del self._inflight[did]
 
-    def _store(self, did: str, doc: DidDocument) -> None:
-        self._cache[did] = (time.monotonic() + self.ttl_s, doc)
+    def _store(self, did: str, doc: DidDocument, number: int) -> None:
+        self._cache[did] = (time.monotonic() + self.ttl_s, doc, number)
         self._cache.move_to_end(did)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)

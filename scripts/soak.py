@@ -11,11 +11,15 @@ drain and the database is compared with the manifest.
 ``--backpressure``: the same with the indexer stopped (never started) for the whole duration and
 a small ``--high-water-mark``: the streams must stop at the mark (plus one write batch), the
 ingester and backfiller must not grow without bound; then the indexer starts and everything
-must be indexed.
+must be indexed. With ``--slow-db-ms N`` the indexer runs the whole time instead, but every
+packet between it and PostgreSQL waits N ms each way (psky/devnet/tcp_proxy.py): a database too
+slow for the load, so the streams fill up to the mark and stay there while the indexer, slowed
+down, keeps working; then the delay is lifted and everything must be indexed.
 
     .venv/bin/python scripts/soak.py                          # 600 s at 200 events/s
     .venv/bin/python scripts/soak.py --duration 60 --rate 120 # CI size
     .venv/bin/python scripts/soak.py --backpressure --duration 180 --high-water-mark 5000
+    .venv/bin/python scripts/soak.py --backpressure --slow-db-ms 30 --duration 300 --high-water-mark 5000
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fault_loop as fl  # a sibling script, not a package
 
+from psky.devnet.tcp_proxy import LatencyProxy
 from psky.streams import FIREHOSE_LIVE, REPO_BACKFILL
 
 
@@ -50,6 +55,8 @@ class SoakOptions:
     #: entries waiting in the streams in the last third: at most this many
     backlog_limit: int = 20_000
     database_url: str | None = None
+    #: backpressure with the indexer running on a database this slow (ms each way), not stopped
+    slow_db_ms: float = 0.0
 
 
 @dataclass
@@ -155,10 +162,19 @@ async def backpressure(opts: SoakOptions) -> Report:
     report = Report()
     hwm = opts.high_water_mark or 100_000
     p = fl.Pipeline(_options(replace(opts, high_water_mark=hwm)))
+    proxy: LatencyProxy | None = None
     try:
         await p.start(services=False)
         producers = [n for n in p.services if not n.startswith("indexer")]
-        for name in producers:
+        watched = list(producers)
+        if opts.slow_db_ms > 0:
+            proxy = LatencyProxy.for_url(p.database_url, delay_s=opts.slow_db_ms / 1000)
+            await proxy.start()
+            for name, svc in p.services.items():
+                if name.startswith("indexer"):
+                    svc.env["DATABASE_URL"] = proxy.url(p.database_url)
+            watched = list(p.services)
+        for name in watched:
             p.services[name].start()
         started = time.monotonic()
         while time.monotonic() - started < opts.duration_s:
@@ -166,7 +182,7 @@ async def backpressure(opts: SoakOptions) -> Report:
             p.ensure_running()
             report.samples.append(await _sample(p, started))
         print(_table(report.samples), flush=True)
-        _check_memory(report, opts, producers)
+        _check_memory(report, opts, watched)
         slack = 1_000  # a writer checks the mark before each batch, so one batch may overshoot
         peak = {s: max(x.streams[s] for x in report.samples) for s in fl.STREAMS}
         for stream, n in peak.items():
@@ -175,12 +191,19 @@ async def backpressure(opts: SoakOptions) -> Report:
         if peak[FIREHOSE_LIVE] < hwm:
             report.problems.append(f"{FIREHOSE_LIVE} never reached the high-water mark ({peak[FIREHOSE_LIVE]} < {hwm}): "
                                    "run longer or faster")  # fmt: skip
-        for name, svc in p.services.items():
-            if name.startswith("indexer"):
-                svc.start()
+        if proxy is not None:
+            proxy.delay_s = 0.0  # the database recovers: the backlog drains
+            print(f"slow database: {proxy.stats.delayed_chunks:,} chunks delayed {opts.slow_db_ms:g} ms, "
+                  f"{proxy.stats.bytes / 2**20:.1f} MB through the proxy", flush=True)
+        else:
+            for name, svc in p.services.items():
+                if name.startswith("indexer"):
+                    svc.start()
         await _verify(p, report)
     finally:
         await p.close()
+        if proxy is not None:
+            await proxy.close()
     return report
 
 
@@ -204,15 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lag-limit", type=float, default=60.0, help="indexer lag limit, s (default 60)")
     ap.add_argument("--backpressure", action="store_true", help="stop the indexer; check the high-water mark")
     ap.add_argument("--high-water-mark", type=int, default=0, help="stream cap (default: services' default)")
+    ap.add_argument("--slow-db-ms", type=float, default=0.0,
+                    help="with --backpressure: keep the indexer running on a database this slow (ms each way)")
     ap.add_argument("--database-url", help="PostgreSQL server for a fresh database (default DATABASE_URL, else embedded)")
     args = ap.parse_args(argv)
     opts = SoakOptions(duration_s=args.duration, interval_s=args.interval, rate=args.rate, accounts=args.accounts,
                        records=args.records, high_water_mark=args.high_water_mark, mem_growth_pct=args.mem_growth,
-                       lag_limit_s=args.lag_limit,
+                       lag_limit_s=args.lag_limit, slow_db_ms=args.slow_db_ms,
                        database_url=args.database_url or os.environ.get("DATABASE_URL"))  # fmt: skip
     if args.backpressure:
         report = asyncio.run(backpressure(opts))
-        _print(report, "backpressure (indexer stopped)")
+        _print(report, "backpressure (" + ("indexer on a slow database" if opts.slow_db_ms > 0 else "indexer stopped") + ")")
     else:
         report = asyncio.run(soak(opts))
         _print(report, "soak")

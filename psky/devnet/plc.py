@@ -21,6 +21,7 @@ to a private/link-local address; logs stay untouched since they are signed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,14 @@ class PlcDirectory:
         self._sequenced: list[_Sequenced] = []
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
+        #: delay every ``GET /{did}`` answer by this many milliseconds (a distant directory:
+        #: benchmarks and tests of resolution overlap; settable while running)
+        self.document_delay_ms: float = 0.0
+        #: ``GET /{did}`` requests answered, and the most that were ever in progress at once
+        #: (how far callers overlap their resolutions); :meth:`reset_document_counters` zeroes them
+        self.document_requests = 0
+        self.max_documents_in_flight = 0
+        self._documents_in_flight = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +192,11 @@ class PlcDirectory:
         did = plc.did_for_genesis(signed_op)
         self.submit(did, signed_op)
         return did
+
+    def reset_document_counters(self) -> None:
+        """Start counting ``GET /{did}`` requests (and their overlap) afresh."""
+        self.document_requests = 0
+        self.max_documents_in_flight = self._documents_in_flight
 
     def dids(self) -> list[str]:
         """Every DID ever registered, in registration order."""
@@ -264,7 +278,15 @@ class PlcDirectory:
         return _json({"version": "psky-devnet"})
 
     async def _handle_document(self, request: web.Request) -> web.Response:
-        return _json(self.document(request.match_info["did"]), content_type=DID_DOC_TYPE)
+        self.document_requests += 1
+        self._documents_in_flight += 1
+        self.max_documents_in_flight = max(self.max_documents_in_flight, self._documents_in_flight)
+        try:
+            if self.document_delay_ms > 0:
+                await asyncio.sleep(self.document_delay_ms / 1000)
+            return _json(self.document(request.match_info["did"]), content_type=DID_DOC_TYPE)
+        finally:
+            self._documents_in_flight -= 1
 
     async def _handle_data(self, request: web.Request) -> web.Response:
         return _json(self.data(request.match_info["did"]))

@@ -111,6 +111,13 @@ class IngesterConfig:
     # smaller one (then the cursor is given up; see psky.ingester.repos)
     repos_page_attempts: int = 4
     repo_state_cache: int = 200_000  # INGESTER_REPO_STATE_CACHE: repos kept in memory
+    # verified firehose read-ahead (see psky.ingester.firehose): frames read and decoded ahead of
+    # processing, at most INGESTER_READ_AHEAD_FRAMES of them and INGESTER_READ_AHEAD_BYTES of frame
+    # bytes, while the DID documents they need are fetched in the background, at most
+    # INGESTER_RESOLVE_CONCURRENCY at once
+    read_ahead_frames: int = 2000
+    read_ahead_bytes: int = 8_000_000
+    resolve_concurrency: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> IngesterConfig:
@@ -175,4 +182,7 @@ class IngesterConfig:
             repos_recheck_s=env_float("INGESTER_REPOS_RECHECK_S", 60.0, e, minimum=0.01),
             repos_page_attempts=env_int("INGESTER_REPOS_PAGE_ATTEMPTS", 4, e, minimum=1, maximum=100),
             repo_state_cache=env_int("INGESTER_REPO_STATE_CACHE", 200_000, e, minimum=1),
+            read_ahead_frames=env_int("INGESTER_READ_AHEAD_FRAMES", 2000, e, minimum=1),
+            read_ahead_bytes=env_int("INGESTER_READ_AHEAD_BYTES", 8_000_000, e, minimum=1),
+            resolve_concurrency=env_int("INGESTER_RESOLVE_CONCURRENCY", 32, e, minimum=1, maximum=10_000),
         )

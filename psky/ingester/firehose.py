@@ -9,12 +9,28 @@ active account (the backfill may have skipped it while it was inactive), queue a
 the repo on ``repo_backfill``; ``#identity`` also drops the DID from the resolver cache. Bad frames are
 logged and counted and never end the task. Reconnects resume from the last processed seq
 (events already queued stay in the writer's buffer), a restart from the stored cursor.
+
+Read-ahead (``lenient``/``strict``): a commit needs its author's signing key (a PLC fetch on a
+cache miss) and repo state (a Redis read), and awaiting them frame by frame would stall the
+stream for a round trip per new DID. So the socket reader decodes frames into a bounded
+in-order queue (``INGESTER_READ_AHEAD_FRAMES`` / ``_BYTES``; the reader stops reading when it
+is full, so TCP flow control still holds the relay) and starts the key fetches
+(``INGESTER_RESOLVE_CONCURRENCY`` at once) and one MGET of the states the queued frames need;
+the processor takes the frames in order and finds them ready. Only the processor moves the
+cursor; frames still queued when the connection ends are processed before reconnecting, and on
+a stop they are dropped (read again from the stored cursor). An ``#identity`` invalidates only
+documents fetched before the reader saw it (a later fetch already reflects it); a key rotation
+racing a fetch costs at worst the re-fetch that a failing signature triggers. ``off`` needs
+neither and processes each frame as it is read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +38,9 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
+from psky._aio import cancel_and_wait
 from psky.atproto.cbor import cid_str
+from psky.atproto.crypto import PublicKey
 from psky.atproto.firehose import (
     AccountEvent,
     CommitEvent,
@@ -53,6 +71,70 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_REPOS = "/xrpc/com.atproto.sync.subscribeRepos"
 #: reasons after which a commit's records are incomplete whatever the mode: resync the repo
 _DATA_LOSS = frozenset({"bad-car", "missing-block", "bad-commit", "bad-record"})
+
+Frame = CommitEvent | SyncEvent | IdentityEvent | AccountEvent | InfoEvent | ErrorFrame | UnknownEvent
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """What the reader prepared for one frame: its key fetch, its state read, and for an
+    ``#identity`` the resolver checkpoint at the time it was read."""
+
+    key: asyncio.Task[PublicKey | None] | None = None
+    state: asyncio.Task[None] | None = None
+    checkpoint: int | None = None
+
+
+class _ReadAheadQueue:
+    """Decoded frames in stream order, bounded by count and by frame bytes."""
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._items: deque[tuple[Frame, int, _Ahead | None]] = deque()
+        self._bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, frame: Frame, size: int, ahead: _Ahead | None) -> None:
+        self._items.append((frame, size, ahead))
+        self._bytes += size
+        self._ready.set()
+        if len(self._items) >= self.max_frames or self._bytes >= self.max_bytes:
+            self._room.clear()
+
+    def close(self) -> None:
+        """No more frames: :meth:`get` returns None once the queue is empty."""
+        self._closed = True
+        self._ready.set()
+
+    async def wait_for_room(self, processor: asyncio.Task[None]) -> None:
+        """Return once a frame may be added, or once *processor* ended (its outcome is the
+        reader's to raise)."""
+        if self._room.is_set() or processor.done():
+            return
+        room = asyncio.ensure_future(self._room.wait())
+        try:
+            await asyncio.wait((room, processor), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+
+    async def get(self) -> tuple[Frame, _Ahead | None] | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        frame, size, ahead = self._items.popleft()
+        self._bytes -= size
+        if len(self._items) < self.max_frames and self._bytes < self.max_bytes:
+            self._room.set()
+        return frame, ahead
 
 
 class FirehoseIngester:
@@ -99,6 +181,13 @@ class FirehoseIngester:
         self._events = {t: m.stream_events.labels(host=host, type=t) for t in
                         ("create", "update", "delete", "identity", "account")}
         self._lag_every = 0
+        # read-ahead state (verified modes; see _read_ahead)
+        self._prefetches = m.key_prefetches.labels(host=host)
+        self._fetch_slots = asyncio.Semaphore(config.resolve_concurrency)
+        self._key_fetches: dict[str, asyncio.Task[PublicKey | None]] = {}
+        self._state_loads: dict[str, asyncio.Task[None]] = {}
+        self._state_batch: list[str] | None = None
+        self._state_batch_task: asyncio.Task[None] | None = None
 
     # -- lifecycle
 
@@ -113,11 +202,13 @@ class FirehoseIngester:
             url = url_base if self.last_seq is None else f"{url_base}?cursor={self.last_seq}"
             self.connected = True
             try:
-                return await read_websocket(
-                    self.session, url, on_frame=self.handle_frame,
-                    before_read=self.writer.wait_below_high_water_mark,
-                    idle_timeout_s=self.config.idle_timeout_s, max_frame_bytes=self.config.max_frame_bytes,
-                )
+                if self.verify == "off":  # nothing to fetch ahead: process each frame as it is read
+                    return await read_websocket(
+                        self.session, url, on_frame=self.handle_frame,
+                        before_read=self.writer.wait_below_high_water_mark,
+                        idle_timeout_s=self.config.idle_timeout_s, max_frame_bytes=self.config.max_frame_bytes,
+                    )
+                return await self._read_ahead(url)
             finally:
                 self.connected = False
 
@@ -126,6 +217,106 @@ class FirehoseIngester:
             healthy_after_s=self.config.healthy_after_s,
             on_reconnect=lambda reason: self.metrics.reconnects.labels(host=self.host, reason=reason).inc(),
         )
+
+    async def _read_ahead(self, url: str) -> str:
+        """One connection with the read-ahead queue between the socket and the processor."""
+        queue = _ReadAheadQueue(self.config.read_ahead_frames, self.config.read_ahead_bytes)
+        processor = asyncio.create_task(self._process_queue(queue), name=f"firehose-processor:{self.host}")
+        self._fetch_slots = asyncio.Semaphore(self.config.resolve_concurrency)
+
+        async def before_read() -> None:
+            await queue.wait_for_room(processor)
+            if processor.done():
+                processor.result()  # its error ends the connection (and the task) as before
+
+        async def on_frame(data: bytes) -> None:
+            frame = self._decode(data)
+            if frame is not None:
+                queue.put(frame, len(data), await self._prepare(frame))
+
+        try:
+            reason = await read_websocket(
+                self.session, url, on_frame=on_frame, before_read=before_read,
+                idle_timeout_s=self.config.idle_timeout_s, max_frame_bytes=self.config.max_frame_bytes,
+            )
+            queue.close()  # what was read is processed before reconnecting from last_seq
+            try:
+                await processor
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:  # as read_websocket treats them
+                log.warning("connection failed", extra={"url": url, "error": str(e) or type(e).__name__})
+                return "connect-error"
+            return reason
+        finally:
+            await cancel_and_wait(processor)
+            background = [*self._key_fetches.values(), *self._state_loads.values()]
+            self._key_fetches.clear()
+            self._state_loads.clear()
+            self._state_batch = self._state_batch_task = None
+            for task in background:
+                await cancel_and_wait(task)
+
+    async def _process_queue(self, queue: _ReadAheadQueue) -> None:
+        wait_for_room = self.writer.wait_below_high_water_mark
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            await wait_for_room()
+            await self._process(*item)
+
+    async def _prepare(self, frame: Frame) -> _Ahead | None:
+        """Start what *frame* will need: its author's key (waiting for a free fetch slot) and,
+        for a commit, its repo state. None when it needs nothing."""
+        if isinstance(frame, CommitEvent):
+            if frame.too_big:
+                return None
+            did = frame.repo
+        elif isinstance(frame, SyncEvent):
+            did = frame.did
+        elif isinstance(frame, IdentityEvent):
+            return _Ahead(checkpoint=self.keys.checkpoint())
+        else:
+            return None
+        ahead = _Ahead()
+        if not self.keys.is_cached(did):
+            task = self._key_fetches.get(did)
+            if task is None:
+                await self._fetch_slots.acquire()
+                task = asyncio.create_task(self._fetch_key(did))
+                self._key_fetches[did] = task
+                self._prefetches.inc()
+            ahead.key = task
+        if isinstance(frame, CommitEvent) and not self.states.cached(did):
+            load = self._state_loads.get(did)
+            if load is None:
+                if self._state_batch is None or self._state_batch_task is None:
+                    self._state_batch = []
+                    self._state_batch_task = asyncio.create_task(self._load_states())
+                self._state_batch.append(did)
+                load = self._state_loads[did] = self._state_batch_task
+            ahead.state = load
+        return ahead if ahead.key is not None or ahead.state is not None else None
+
+    async def _fetch_key(self, did: str) -> PublicKey | None:
+        try:
+            return await self.keys.signing_key(did)
+        except Exception as e:  # never fatal here: the commit is then handled as key-unavailable
+            log.warning("signing key fetch failed", extra={"did": did, "error": str(e) or type(e).__name__})
+            return None
+        finally:
+            self._fetch_slots.release()
+            self._key_fetches.pop(did, None)
+
+    async def _load_states(self) -> None:
+        await asyncio.sleep(0)  # let the reader add the other frames it has in hand to the batch
+        dids, self._state_batch, self._state_batch_task = self._state_batch or [], None, None
+        try:
+            await self.states.load(dids)
+        except Exception as e:  # the processor reads them one by one (and reports the error)
+            log.warning("repo state read-ahead failed", extra={"repos": len(dids), "error": str(e)})
+        finally:
+            for did in dids:
+                self._state_loads.pop(did, None)
 
     async def close(self) -> None:
         """Write what is buffered (events, then the cursor covering them)."""
@@ -154,20 +345,27 @@ class FirehoseIngester:
     # -- frames
 
     async def handle_frame(self, data: bytes) -> None:
-        """Process one binary frame; never raises for bad content (logged and counted)."""
+        """Process one binary frame now; never raises for bad content (logged and counted)."""
+        frame = self._decode(data)
+        if frame is not None:
+            await self._process(frame, None)
+
+    def _decode(self, data: bytes) -> Frame | None:
         self._incoming.inc()
         try:
-            frame = decode_frame(data)
+            return decode_frame(data)
         except FrameError as e:
             self.metrics.bad_frames.labels(host=self.host, reason="decode").inc()
             log.warning("bad frame", extra={"host": self.host, "after_seq": self.last_seq, "bytes": len(data),
                                             "error": str(e)[:300]})
-            return
+            return None
+
+    async def _process(self, frame: Frame, ahead: _Ahead | None) -> None:
         if isinstance(frame, CommitEvent):
             if self._stale(frame.seq):
                 return
             self._frames["commit"].inc()
-            await self._commit(frame)
+            await self._commit(frame, ahead)
             self._advance(frame.seq, frame.time)
         elif isinstance(frame, (IdentityEvent, AccountEvent)):
             if self._stale(frame.seq):
@@ -175,7 +373,7 @@ class FirehoseIngester:
             kind = "identity" if isinstance(frame, IdentityEvent) else "account"
             self._frames[kind].inc()
             if isinstance(frame, IdentityEvent):
-                self.keys.invalidate(frame.did)
+                self.keys.invalidate(frame.did, fetched_before=ahead.checkpoint if ahead is not None else None)
             for event in to_stream_events(None, frame):
                 await self.writer.add({"event": orjson.dumps(event)})
             self._events[kind].inc()
@@ -188,7 +386,7 @@ class FirehoseIngester:
             if self._stale(frame.seq):
                 return
             self._frames["sync"].inc()
-            await self._sync(frame)
+            await self._sync(frame, ahead)
             self._advance(frame.seq, frame.time)
         elif isinstance(frame, InfoEvent):
             self._frames["info"].inc()
@@ -235,7 +433,7 @@ class FirehoseIngester:
     def _fail(self, reason: str) -> None:
         self.metrics.verify_failures.labels(host=self.host, reason=reason).inc()
 
-    async def _commit(self, ev: CommitEvent) -> None:
+    async def _commit(self, ev: CommitEvent, ahead: _Ahead | None) -> None:
         if ev.too_big:
             await self._resync(ev.repo, ev.rev, "too-big")
             return
@@ -243,7 +441,7 @@ class FirehoseIngester:
             result = process_commit_unverified(ev)
             reasons = list(result.reasons)
         else:
-            result, reasons = await self._verified(ev)
+            result, reasons = await self._verified(ev, ahead)
         for reason in reasons:
             self._fail(reason)
         if reasons and self.verify == "strict":
@@ -282,8 +480,8 @@ class FirehoseIngester:
         for kind, n in counts.items():
             self._events[kind].inc(n)
 
-    async def _verified(self, ev: CommitEvent) -> tuple[CommitResult, list[str]]:
-        key = await self.keys.signing_key(ev.repo)
+    async def _verified(self, ev: CommitEvent, ahead: _Ahead | None) -> tuple[CommitResult, list[str]]:
+        key = await self._key(ev.repo, ahead)
         result = process_commit(ev, signing_key=key, check_proof=True)
         if result.signature is False:  # the key may have rotated since it was cached
             self.keys.invalidate(ev.repo)
@@ -293,6 +491,8 @@ class FirehoseIngester:
         reasons = list(result.reasons)
         if key is None:
             reasons.append("key-unavailable")
+        if ahead is not None and ahead.state is not None:
+            await ahead.state  # never raises; afterwards get() answers from memory
         state = await self.states.get(ev.repo)
         if state is not None:
             data = result.data
@@ -304,9 +504,15 @@ class FirehoseIngester:
                 reasons.append("prev-data-mismatch")
         return result, reasons
 
-    async def _sync(self, ev: SyncEvent) -> None:
+    async def _key(self, did: str, ahead: _Ahead | None) -> PublicKey | None:
+        """The signing key: fetched ahead by the reader, or now."""
+        if ahead is not None and ahead.key is not None:
+            return await ahead.key
+        return await self.keys.signing_key(did)
+
+    async def _sync(self, ev: SyncEvent, ahead: _Ahead | None) -> None:
         if self.verify != "off":
-            key = await self.keys.signing_key(ev.did)
+            key = await self._key(ev.did, ahead)
             res = process_sync(ev, signing_key=key)
             reasons: list[str] = list(res.reasons) + ([] if key is not None else ["key-unavailable"])
             for reason in reasons:

@@ -6,6 +6,7 @@ TypeScript names: ``firehose_ingester_incoming_events_total`` (frames read from 
 rsky's: ``ingester_firehose_filtered_operations_total`` (ops outside the collection filter).
 psky's own: ``ingester_firehose_frames_total{type}``, ``ingester_bad_frames_total{reason}``,
 ``ingester_verification_failures_total{reason}`` (firehose; ``labeler_ingester_…`` for labels),
+``ingester_firehose_key_prefetches_total`` (DID documents fetched ahead of processing),
 ``ingester_dropped_commits_total``, ``ingester_resync_requests_total{reason}``,
 ``ingester_outdated_cursor_total``, ``ingester_error_frames_total{error}``,
 ``ingester_reconnects_total{reason}``, ``ingester_firehose_lag_seconds``,
@@ -38,6 +39,9 @@ class IngesterMetrics:
         self.bad_frames = Counter("ingester_bad_frames", "Frames that failed to decode", ["host", "reason"], registry=r)
         self.verify_failures = Counter(
             "ingester_verification_failures", "Failed commit checks by reason", ["host", "reason"], registry=r
+        )
+        self.key_prefetches = Counter(
+            "ingester_firehose_key_prefetches", "Signing key fetches started ahead of processing", ["host"], registry=r
         )
         self.dropped = Counter("ingester_dropped_commits", "Commits dropped (strict verification)", ["host"], registry=r)
         self.resyncs = Counter("ingester_resync_requests", "Repos queued for resync", ["host", "reason"], registry=r)

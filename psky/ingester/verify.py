@@ -71,6 +71,28 @@ class RepoStateStore:
         self._remember(did, state)
         return state
 
+    def cached(self, did: str) -> bool:
+        """Whether :meth:`get` answers from memory (no Redis read)."""
+        return did in self._cache
+
+    async def load(self, dids: list[str]) -> None:
+        """Read the states of *dids* not in memory yet with one MGET (read-ahead, so that
+        :meth:`get` finds them). A state remembered meanwhile is newer than Redis and kept."""
+        keys = [state_key(self.stream, did) for did in dids]
+        backoff = Backoff(0.05, 5.0)
+        while True:
+            try:
+                values = await command(self._raw, "MGET", *keys)
+                break
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                log.warning("repo state read failed, retrying", extra={"repos": len(dids), "error": str(e)})
+                await backoff.sleep()
+        for did, value in zip(dids, values, strict=True):
+            if did not in self._cache:
+                self._remember(did, RepoState.decode(text(value)) if value is not None else None)
+
     def put(self, did: str, state: RepoState | None) -> str:
         """Remember *state* (None forgets the chain); returns the value to persist."""
         self._remember(did, state)
@@ -114,5 +136,13 @@ class KeyCache:
         except (ResolutionError, ValueError):
             return None
 
-    def invalidate(self, did: str) -> None:
-        self.resolver.invalidate(did)
+    def is_cached(self, did: str) -> bool:
+        """Whether :meth:`signing_key` would answer without a fetch."""
+        return self.resolver.cached(did) is not None
+
+    def checkpoint(self) -> int:
+        return self.resolver.checkpoint()
+
+    def invalidate(self, did: str, *, fetched_before: int | None = None) -> None:
+        """Drop *did*'s document (only if fetched before the *fetched_before* checkpoint)."""
+        self.resolver.invalidate(did, fetched_before=fetched_before)
