@@ -19,7 +19,7 @@ import orjson
 from psky.atproto.did import DidDocument, InvalidDidDocument, parse_did_document
 from psky.atproto.syntax import is_valid_handle
 from psky.identity import IdentityResolver, ResolutionError
-from psky.indexer.batch import NEVER_INDEXED, Item, Totals
+from psky.indexer.batch import ACCOUNT_LOCK_CLASS, NEVER_INDEXED, Item, Totals, account_lock_key
 from psky.indexer.plugins import PLUGINS
 from psky.streams.wire import AccountEvent, IdentityEvent, RecordEvent
 
@@ -275,9 +275,13 @@ async def unindex_actor(conn: asyncpg.Connection, did: str, at: str, totals: Tot
     the batch's totals like any other removal (applied here, a decrement would miss the
     increment of a row this same batch inserted, which is only written at the batch's end)."""
     counts: dict[str, int] = {}
+    # ordered with every batch writing this account (see _skip_deleted_accounts): this waits
+    # for those holding it, and those starting now wait for this transaction
+    await conn.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1::int4, $2::int4)", ACCOUNT_LOCK_CLASS, account_lock_key(did)
+    )
     # the actor stays as a marker (the TypeScript indexer deletes it): records of this
-    # account arriving later from an older batch must not bring it back. Written first: the
-    # row lock orders this deletion with batches holding the row (see _skip_deleted_accounts)
+    # account arriving later from an older batch must not bring it back
     await conn.execute(
         'INSERT INTO actor (did, handle, "indexedAt", "upstreamStatus") VALUES ($1, NULL, $2, \'deleted\')'
         " ON CONFLICT (did) DO UPDATE SET handle = NULL, \"upstreamStatus\" = 'deleted',"

@@ -33,6 +33,7 @@ caller, which retries the batch: ``apply_batch`` can run again on the same items
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -830,30 +831,41 @@ async def _lock_records(conn: asyncpg.Connection, items: list[Item]) -> set[str]
     return {r["uri"] for r in placed}  # the placeholders: URIs new to the database
 
 
+#: first key of the transaction-level advisory locks that order account deletions with batches
+#: (the second is a 32-bit hash of the DID; a collision only makes two accounts wait for each other)
+ACCOUNT_LOCK_CLASS = 0x70736B79  # "psky"
+
+
+def account_lock_key(did: str) -> int:
+    """The advisory lock key of an account (signed 32 bits, as PostgreSQL's int4)."""
+    return int.from_bytes(hashlib.blake2b(did.encode(), digest_size=4).digest(), "big", signed=True)
+
+
 async def _skip_deleted_accounts(
     conn: asyncpg.Connection, items: list[Item], result: BatchResult
 ) -> set[str]:
     """Records of accounts deleted in an earlier batch are not indexed again (an older batch
     redelivered or handled late by another consumer would bring them back).
 
-    Runs first in the batch. Every account of the batch gets an actor row (a placeholder when
-    it has none yet, as the batch's handle indexing would create anyway) held ``FOR SHARE``
-    in DID order. An account deletion writes its marker on that same row before removing
-    anything, so the two are always ordered: the deletion waits for this batch and then
-    removes what it wrote, or this batch waits for the deletion and then sees the marker."""
+    Runs first in the batch. It takes a shared advisory lock per account of the batch (in key
+    order; shared locks never wait for each other), and an account deletion takes the same
+    lock exclusively before it removes anything, so the two are always ordered: the deletion
+    waits for this batch and then removes what it wrote, or this batch waits for the deletion
+    and then reads its marker. (A row lock on ``actor`` would do the same but batches would
+    then deadlock upgrading it when they write handles and statuses.)"""
     dids = sorted({item.event.did for item in items if item.skipped is None})
     if not dids:
         return set()
     await conn.execute(
-        'INSERT INTO actor (did, "indexedAt") SELECT d, $2 FROM unnest($1::text[]) AS d ORDER BY d'
-        " ON CONFLICT (did) DO NOTHING",
-        dids,
-        NEVER_INDEXED,
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1::int4, k)"
+        " FROM (SELECT DISTINCT k FROM unnest($2::int4[]) AS k ORDER BY k) AS t",
+        ACCOUNT_LOCK_CLASS,
+        [account_lock_key(d) for d in dids],
     )
     rows = await conn.fetch(
-        'SELECT did, "upstreamStatus" FROM actor WHERE did = ANY($1::text[]) ORDER BY did FOR SHARE', dids
+        "SELECT did FROM actor WHERE did = ANY($1::text[]) AND \"upstreamStatus\" = 'deleted'", dids
     )
-    gone = {r["did"] for r in rows if r["upstreamStatus"] == "deleted"}
+    gone = {r["did"] for r in rows}
     for item in items:
         if item.op is not None and item.skipped is None and item.op.did in gone:
             item.skipped = "account_deleted"
