@@ -460,3 +460,25 @@ async def test_records_after_the_deletion_in_the_same_batch_are_not_indexed(db: 
         assert await conn.fetchval('SELECT "followersCount" FROM profile_agg WHERE did = $1', _B) in (None, 0)
     finally:
         await conn.close()
+
+
+async def test_a_batch_takes_a_bounded_number_of_account_locks(db: str) -> None:
+    """The advisory locks that order deletions with batches come from a fixed set of buckets:
+    a live batch of 500 events from 500 accounts must not take 500 locks (concurrent batches
+    would exhaust PostgreSQL's shared lock table and fail with 'out of shared memory')."""
+    c1, c2 = await asyncpg.connect(db), await asyncpg.connect(db)
+    try:
+        ev = Events()
+        dids = [f"did:plc:{i:024d}" for i in range(500)]
+        tx = c1.transaction()
+        await tx.start()
+        await _apply(c1, [ev.create(d, _POST, "3kpost1", post()) for d in dids])  # held until tx ends
+        held = await c2.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", c1.get_server_pid()
+        )
+        await tx.commit()
+        assert 0 < held <= 64
+        assert await c2.fetchval("SELECT count(*) FROM post") == 500
+    finally:
+        await c1.close()
+        await c2.close()

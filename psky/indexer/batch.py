@@ -832,13 +832,17 @@ async def _lock_records(conn: asyncpg.Connection, items: list[Item]) -> set[str]
 
 
 #: first key of the transaction-level advisory locks that order account deletions with batches
-#: (the second is a 32-bit hash of the DID; a collision only makes two accounts wait for each other)
 ACCOUNT_LOCK_CLASS = 0x70736B79  # "psky"
+#: accounts share this many locks (the second key is a bucket of the DID's hash): a batch takes
+#: at most this many, which keeps concurrent batches far below PostgreSQL's shared lock table
+#: (max_locks_per_transaction × max_connections, 6,400 by default); a shared bucket only makes
+#: an account deletion — rare — wait for the batches in flight
+ACCOUNT_LOCK_BUCKETS = 64
 
 
 def account_lock_key(did: str) -> int:
-    """The advisory lock key of an account (signed 32 bits, as PostgreSQL's int4)."""
-    return int.from_bytes(hashlib.blake2b(did.encode(), digest_size=4).digest(), "big", signed=True)
+    """The advisory lock bucket of an account."""
+    return int.from_bytes(hashlib.blake2b(did.encode(), digest_size=4).digest(), "big") % ACCOUNT_LOCK_BUCKETS
 
 
 async def _skip_deleted_accounts(
@@ -847,9 +851,9 @@ async def _skip_deleted_accounts(
     """Records of accounts deleted in an earlier batch are not indexed again (an older batch
     redelivered or handled late by another consumer would bring them back).
 
-    Runs first in the batch. It takes a shared advisory lock per account of the batch (in key
-    order; shared locks never wait for each other), and an account deletion takes the same
-    lock exclusively before it removes anything, so the two are always ordered: the deletion
+    Runs first in the batch. It takes a shared advisory lock for the accounts of the batch (one
+    per bucket, in key order; shared locks never wait for each other), and an account deletion
+    takes its account's lock exclusively before it removes anything, so the two are always ordered: the deletion
     waits for this batch and then removes what it wrote, or this batch waits for the deletion
     and then reads its marker. (A row lock on ``actor`` would do the same but batches would
     then deadlock upgrading it when they write handles and statuses.)"""
