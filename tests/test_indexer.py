@@ -395,3 +395,47 @@ async def test_hostile_text_is_stored_not_executed(db: asyncpg.Connection) -> No
     assert await db.fetchval("SELECT count(*) FROM post") == 1
     stored = await db.fetchval("SELECT json FROM record WHERE uri = $1", uri(A, POST, "3kp1"))
     assert "\\u0000" in stored  # escaped in the JSON text, so the record itself is intact
+
+
+async def test_reply_notifications_walk_the_thread_in_any_order(database_url: str) -> None:
+    """A thread of six posts by six accounts: each reply notifies the authors above it (up to
+    five levels). Bottom-up (replies indexed before their parents) the TypeScript rules give
+    none: the replies found below a new post notify its ancestors, but one recipient gets one
+    notification per inserted post and the new post's own author none, and a post arriving
+    before everything above it has no ancestors yet."""
+    authors = [f"did:plc:{c * 24}" for c in "defghi"]
+    ev = Events()
+    events = []
+    parent: str | None = None
+    for i, did in enumerate(authors):
+        extra: dict[str, Any] = {}
+        if parent is not None:
+            root = uri(authors[0], POST, "3kt0")
+            extra["reply"] = {"root": strong_ref(root), "parent": strong_ref(parent)}
+        events.append(ev.create(did, POST, f"3kt{i}", post(f"level {i}", **extra)))
+        parent = uri(did, POST, f"3kt{i}")
+
+    async def notifications(order: list[StreamEvent]) -> set[tuple[str, str, str, str]]:
+        gen = cloned_database(database_url)
+        url = await gen.__anext__()
+        conn = await asyncpg.connect(url)
+        try:
+            for e in order:
+                await index(conn, [e])
+            return {(r["did"], r["author"], r["reason"], r["recordUri"])
+                    for r in await conn.fetch("SELECT * FROM notification")}  # fmt: skip
+        finally:
+            await conn.close()
+            with pytest.raises(StopAsyncIteration):
+                await gen.__anext__()
+
+    top_down = await notifications(events)
+    assert await notifications(events[::-1]) == set()
+    # the parent of the last reply arrives last: its own reply notifies the authors above it;
+    # the reply below it (already indexed) would notify the same authors and so adds nothing
+    late = await notifications([*events[:4], events[5], events[4]])
+    assert late == {n for n in top_down if n[3] != uri(authors[5], POST, "3kt5")}
+    last = uri(authors[5], POST, "3kt5")
+    # heights 1-4 above it (REPLY_NOTIF_DEPTH 5: the root, five levels up, is not notified)
+    assert {n[0] for n in top_down if n[3] == last and n[2] == "reply"} == set(authors[1:5])
+    assert len([n for n in top_down if n[2] == "reply"]) == 1 + 2 + 3 + 4 + 4

@@ -918,6 +918,9 @@ async def apply_batch(
         if item.skipped is not None:
             result.skipped[item.skipped] += 1
     async with conn.transaction():
+        # the batch's statements are short and many: JIT compilation (PostgreSQL's default above a
+        # cost estimate) would cost more than it saves, and estimates on growing tables are rough
+        await conn.execute("SET LOCAL jit = off")
         # accounts first, then records: the same order in every batch and in account deletions
         gone = await _skip_deleted_accounts(conn, items, result)
         gone |= _skip_after_deletion(items, result)

@@ -296,31 +296,43 @@ class Post(Plugin):
             await self._thread_context(notify, ctx)
 
     async def _thread_context(self, uris: list[str], ctx: WaveContext) -> None:
+        # the thread above these posts and the replies indexed before them, level by level:
+        # one indexed lookup per level (a recursive query gets row estimates that multiply
+        # per level, and PostgreSQL then plans sorted merges over the whole post table)
         ancestors: dict[str, list[tuple[str, int]]] = {}
-        for row in await ctx.fetch(
-            "WITH RECURSIVE anc(start, uri, parent, height) AS ("
-            ' SELECT p.uri, p.uri, p."replyParent", 0 FROM post p WHERE p.uri = ANY($1::text[])'
-            " UNION ALL"
-            ' SELECT a.start, p.uri, p."replyParent", a.height + 1 FROM anc a JOIN post p ON p.uri = a.parent'
-            f" WHERE a.height < {REPLY_NOTIF_DEPTH})"
-            " SELECT start, uri, height FROM anc ORDER BY start, height",
-            uris,
-        ):
-            ancestors.setdefault(row["start"], []).append((row["uri"], row["height"]))
-        descendents: dict[str, list[tuple[str, int, str, str, str]]] = {}
-        for row in await ctx.fetch(
-            "WITH RECURSIVE des(start, uri, depth) AS ("
-            ' SELECT p."replyParent", p.uri, 1 FROM post p WHERE p."replyParent" = ANY($1::text[])'
-            " UNION ALL"
-            ' SELECT d.start, p.uri, d.depth + 1 FROM des d JOIN post p ON p."replyParent" = d.uri'
-            f" WHERE d.depth < {REPLY_NOTIF_DEPTH})"
-            ' SELECT d.start, d.uri, d.depth, p.cid, p.creator, p."sortAt" FROM des d JOIN post p ON p.uri = d.uri'
-            " ORDER BY d.start, d.depth, d.uri",
-            uris,
-        ):
-            descendents.setdefault(row["start"], []).append(
-                (row["uri"], row["depth"], row["cid"], row["creator"], row["sortAt"])
+        up: dict[str, list[str]] = {u: [u] for u in uris}  # post -> the posts of this wave below it
+        for height in range(REPLY_NOTIF_DEPTH + 1):
+            rows = await ctx.fetch(
+                'SELECT p.uri, p."replyParent" AS parent FROM post p WHERE p.uri = ANY($1::text[]) ORDER BY p.uri',
+                sorted(up),
             )
+            above: dict[str, list[str]] = {}
+            for row in rows:
+                for start in up[row["uri"]]:
+                    ancestors.setdefault(start, []).append((row["uri"], height))
+                    if row["parent"] is not None and height < REPLY_NOTIF_DEPTH:
+                        above.setdefault(row["parent"], []).append(start)
+            if not above:
+                break
+            up = above
+        descendents: dict[str, list[tuple[str, int, str, str, str]]] = {}
+        frontier = {u: u for u in uris}  # post -> the post of this wave it descends from
+        for depth in range(1, REPLY_NOTIF_DEPTH + 1):
+            rows = await ctx.fetch(
+                'SELECT p."replyParent" AS parent, p.uri, p.cid, p.creator, p."sortAt" FROM post p'
+                ' WHERE p."replyParent" = ANY($1::text[]) ORDER BY p.uri',
+                sorted(frontier),
+            )
+            if not rows:
+                break
+            below: dict[str, str] = {}
+            for row in rows:
+                start = frontier[row["parent"]]
+                descendents.setdefault(start, []).append(
+                    (row["uri"], depth, row["cid"], row["creator"], row["sortAt"])
+                )
+                below[row["uri"]] = start
+            frontier = below
         ctx.scratch["post_ancestors"] = ancestors
         ctx.scratch["post_descendents"] = descendents
 
