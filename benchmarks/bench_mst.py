@@ -22,9 +22,9 @@ from psky.atproto.mst import MST, Op, _invert_thorough, invert_ops, walk
 from psky.atproto.syntax import make_tid
 
 try:
-    from psky.atproto import _mst_native
+    from psky.atproto import _native
 except ImportError:  # built without a C compiler
-    _mst_native = None  # type: ignore[assignment]
+    _native = None  # type: ignore[assignment]
 
 COLLECTIONS = ("app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow", "app.bsky.feed.repost")
 
@@ -97,7 +97,7 @@ def per_call_us(fn: Callable[[], int], seconds: float) -> float:
     return best * 1e6
 
 
-native_built = _mst_native is not None
+native_built = _native is not None
 native_default = mst.NATIVE_INVERSION
 
 
@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=100_000, help="records in the large tree")
     args = ap.parse_args()
     rng = random.Random(1)
-    sha = f", SHA-NI {'on' if _mst_native.SHA_NI else 'off'}" if native_built else ""
+    sha = f", SHA-NI {'on' if _native.SHA_NI else 'off'}" if native_built else ""
     print(f"C inverter built: {native_built}, used by default: {native_default}{sha}")
     for n in (5_000, args.big):
         bench_invert(n, args.commits, args.seconds, rng)

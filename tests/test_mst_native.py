@@ -1,4 +1,4 @@
-"""The C inverter (psky.atproto._mst_native) against the Python one.
+"""The C inverter (psky.atproto._native) against the Python one.
 
 Wherever the C inverter returns a root it must be the root the Python inverter returns
 (with the C one switched off); where it returns None the Python code decides. It must never
@@ -28,7 +28,7 @@ from psky.atproto.cbor import CID
 from psky.atproto.mst import MST, MstError, Op, invert_ops, key_height
 from tests.paths import INTEROP
 
-native = mst._mst_native
+native = mst._native
 
 needs_native = pytest.mark.skipif(native is None, reason="the C extension is not built")
 
@@ -106,7 +106,7 @@ def test_built_where_a_compiler_exists() -> None:
     """CI has a compiler: a missing extension there means the build silently failed."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine")
-    assert native is not None, "psky.atproto._mst_native is not built: run ./dev setup"
+    assert native is not None, "psky.atproto._native is not built: run ./dev setup"
 
 
 @needs_native

@@ -1,5 +1,5 @@
 /*
- * psky.atproto._mst_native: sync 1.1 operation inversion on a partial MST, in C.
+ * Sync 1.1 operation inversion on a partial MST, in C (part of psky.atproto._native).
  *
  * The firehose checks each commit by undoing its operations on the tree slice the frame
  * carries and comparing the result with prevData.  This module makes the same tree edits as
@@ -529,7 +529,7 @@ static Entry *lazy_lookup(Ctx *c, const uint8_t *cid) {
 /* the block of a node link (checked against its CID when verifying), or bail */
 static Entry *block(Ctx *c, const uint8_t *cid) {
     Entry *e = c->lazy ? lazy_lookup(c, cid) : table_find(c, cid);
-    if (!e->used || e->obj == NULL) bail(c);
+    if (!e->used || e->data == NULL) bail(c);
     if (c->verify && !e->verified) {
         uint8_t d[32];
         sha256(e->data, (size_t)e->len, d);
@@ -1329,42 +1329,3 @@ static PyObject *py_use_sha_ni(PyObject *self, PyObject *args) {
     return PyBool_FromLong(sha_blocks != sha256_blocks_portable);
 }
 
-static PyMethodDef methods[] = {
-    {"invert", py_invert, METH_VARARGS,
-     "invert(blocks, root_after, ops, verify) -> bytes | None\n\n"
-     "CID bytes of the MST root before a commit's ops, or None when the Python inverter must decide."},
-    {"sha256", py_sha256, METH_VARARGS, "sha256(data, portable=False) -> bytes (test hook)"},
-    {"key_height", py_key_height, METH_VARARGS, "key_height(key) -> int (test hook)"},
-    {"use_sha_ni", py_use_sha_ni, METH_VARARGS, "use_sha_ni(enable) -> bool (test hook)"},
-    {"key_heights", py_key_heights, METH_VARARGS, "key_heights(key1, key2) -> (int, int) (test hook)"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "psky.atproto._mst_native", "Native sync 1.1 MST operation inversion.", -1, methods,
-    NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__mst_native(void) {
-    init_key_chars();
-#if PSKY_SHA_NI
-    if (cpu_has_sha_ni()) sha_blocks = sha256_blocks_shani;
-#endif
-    static const uint8_t empty_node[7] = {0xa2, 0x61, 0x65, 0x80, 0x61, 0x6c, 0xf6};
-    memcpy(EMPTY_ROOT, NODE_PFX, 4);
-    sha256(empty_node, sizeof empty_node, EMPTY_ROOT + 4);
-    PyObject *cbrrr = PyImport_ImportModule("cbrrr");
-    if (cbrrr == NULL) return NULL;
-    CID_type = PyObject_GetAttrString(cbrrr, "CID");
-    Py_DECREF(cbrrr);
-    if (CID_type == NULL) return NULL;
-    str_cid_bytes = PyUnicode_InternFromString("cid_bytes");
-    if (str_cid_bytes == NULL) return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL) return NULL;
-    if (PyModule_AddIntConstant(m, "SHA_NI", sha_blocks != sha256_blocks_portable) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
-}

@@ -15,10 +15,11 @@ rather than raising, so one hostile event cannot stop a consumer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from libipld import encode_cid
 
@@ -33,8 +34,18 @@ from psky.atproto.syntax import is_valid_did, is_valid_nsid, is_valid_record_key
 if TYPE_CHECKING:
     from psky.atproto import repo
 
+try:  # the C fast path, built by ``pip install`` where a compiler exists (setup.py)
+    from psky.atproto import _native
+except ImportError:  # pragma: no cover - a machine without a compiler
+    _native = None  # type: ignore[assignment]
+
+#: whether :func:`check_commit_frame` uses the C fast path (built, and not disabled with
+#: ``PSKY_NATIVE=0``); tests and benchmarks may flip it at run time
+NATIVE_COMMITS: bool = _native is not None and os.environ.get("PSKY_NATIVE", "1") != "0"
+
 __all__ = [
     "AccountEvent",
+    "CheckedCommit",
     "CommitEvent",
     "CommitResult",
     "ErrorFrame",
@@ -48,6 +59,7 @@ __all__ = [
     "SyncResult",
     "UnknownEvent",
     "account_body",
+    "check_commit_frame",
     "commit_body",
     "commit_event",
     "decode_frame",
@@ -858,6 +870,52 @@ def process_sync(ev: SyncEvent, *, signing_key: str | PublicKey | None = None) -
         if not signature and "bad-key" not in reasons:
             reasons.append("bad-signature")
     return SyncResult(ev.seq, ev.did, ev.rev, root, commit, signature, tuple(reasons))
+
+
+# --- the native fast path --------------------------------------------------------------------
+
+
+class CheckedCommit(NamedTuple):
+    """A ``#commit`` frame decoded and checked in one native pass, with its stream events.
+
+    ``events`` holds ``(collection, action, JSON)`` per op, in op order: the bytes
+    ``orjson.dumps`` writes for :func:`to_stream_events` (no collection filter applied).
+    ``data``, ``unsigned`` and ``sig`` (the MST root after the commit, the commit block less its
+    signature, the signature) are set when verifying: the caller still checks the signature
+    and the repo's rev/``prevData`` chain.
+    """
+
+    seq: int
+    repo: str
+    rev: str
+    time: str
+    commit: bytes
+    prev_data: bytes | None
+    data: bytes | None
+    unsigned: bytes | None
+    sig: bytes | None
+    events: list[tuple[str, str, bytes]]
+
+
+_new_checked: Any = tuple.__new__
+
+
+def check_commit_frame(data: bytes, *, verify: bool) -> CheckedCommit | None:
+    """The usual, valid ``#commit`` in one C pass; None for anything else (and when the
+    extension is not built or ``PSKY_NATIVE=0``), which the Python path then decides.
+
+    Returned means: :func:`decode_frame` gives a :class:`CommitEvent` (not ``tooBig``) that
+    :func:`process_commit` (``verify``: block hashes, commit block, sync 1.1 proof, with the
+    signature left to the caller) or the unverified path passes with no failed check, and
+    whose stream events are byte for byte ``events``. ``tests/test_commit_native.py`` holds
+    the two paths to that."""
+    if not NATIVE_COMMITS:
+        return None
+    raw = _native.commit_fast(data, verify)
+    if raw is None:
+        return None
+    checked: CheckedCommit = _new_checked(CheckedCommit, raw)
+    return checked
 
 
 # --- psky Redis wire format ----------------------------------------------------------------

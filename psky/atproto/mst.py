@@ -62,13 +62,13 @@ _sha256 = hashlib.sha256
 _KEY_RE: Final = re.compile(rb"(?!\.\.?/)[A-Za-z0-9._:~-]+/(?!\.\.?\Z)[A-Za-z0-9._:~-]+\Z")
 
 try:  # the C inverter, built by ``pip install`` where a compiler exists (setup.py)
-    from psky.atproto import _mst_native
+    from psky.atproto import _native
 except ImportError:  # pragma: no cover - a machine without a compiler
-    _mst_native = None  # type: ignore[assignment]
+    _native = None  # type: ignore[assignment]
 
 #: whether :func:`invert_ops` tries the C inverter first (built, and not disabled with
 #: ``PSKY_NATIVE=0``); benchmarks and tests may flip it at run time
-NATIVE_INVERSION: bool = _mst_native is not None and os.environ.get("PSKY_NATIVE", "1") != "0"
+NATIVE_INVERSION: bool = _native is not None and os.environ.get("PSKY_NATIVE", "1") != "0"
 
 _EMPTY_BYTES: Final = cbor.encode({"l": None, "e": []})
 #: root CID of a repository with no records
@@ -1056,7 +1056,7 @@ def invert_ops(
     ``prevData`` (see the notes on the fast inverter below).
     """
     if NATIVE_INVERSION:
-        raw = _mst_native.invert(blocks, root_after, ops, verify)
+        raw = _native.invert(blocks, root_after, ops, verify)
         if raw is not None:
             return CID(raw)
     root = _invert_fast(blocks, root_after, ops, verify)
