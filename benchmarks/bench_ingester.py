@@ -93,13 +93,38 @@ async def _redis_url() -> AsyncIterator[str]:
             yield services.redis_url()
 
 
+async def _raw(relay: str, seq: int) -> None:
+    """Only read the relay's frames (no decoding, no Redis): what the relay serves on this
+    machine, the ceiling of every other figure."""
+    import aiohttp
+
+    url = f"{relay.replace('http', 'ws', 1)}/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
+    frames = 0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, compress=0, max_msg_size=0) as ws:
+        while frames < seq:
+            msg = await ws.receive()
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                break
+            frames += 1
+    elapsed = time.perf_counter() - started
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    print(f"read only (the relay's ceiling): {frames} frames in {elapsed:.2f}s, {frames / elapsed:,.0f} frames/s; "
+          f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core)")
+
+
 async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: bool, conn: Connection) -> None:
+    if mode == "raw":
+        await _raw(relay, seq)
+        return
     prefix = f"bench:{os.getpid()}:{mode}:"
     config = IngesterConfig.from_env({
         "REDIS_URL": url, "INGESTER_MODE": "firehose", "INGESTER_RELAY_HOSTS": relay, "PLC_URL": plc,
         "INGESTER_FIREHOSE_STREAM": prefix + "firehose_live", "INGESTER_REPO_STREAM": prefix + "repo_backfill",
         "INGESTER_VERIFY": mode, "INGESTER_FIREHOSE_START_CURSOR": "0", "INGESTER_METRICS_PORT": "-1",
-        "INGESTER_HIGH_WATER_MARK": "0",
+        "INGESTER_HIGH_WATER_MARK": "0", "INGESTER_BATCH_SIZE": os.environ.get("INGESTER_BATCH_SIZE", "500"),
     })
     redis = connect(url)
     key = cursor_key(config.firehose_stream, relay)
@@ -114,11 +139,19 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
     if profiler is not None:
         profiler.enable()
     task = asyncio.create_task(run_ingester(config, stop=stop, registry=registry))
+    incoming = {"host": config.relay_hosts[0]}
+    # steady state: between 10% and 90% of the frames read (start-up, the first DID documents
+    # and the last batch's flush timer left out); (time, frames, CPU) at each mark
+    marks: list[tuple[float, float, float]] = []
     try:
         while True:
             value = await redis.get(key)
             if (value is not None and int(value) >= seq) or task.done():
                 break
+            read = registry.get_sample_value("firehose_ingester_incoming_events_total", incoming) or 0.0
+            if len(marks) < 2 and read >= seq * (0.1 if not marks else 0.9):
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                marks.append((time.perf_counter(), read, usage.ru_utime + usage.ru_stime))
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - started
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -142,6 +175,11 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
               f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core), "
               f"peak RSS {cpu1.ru_maxrss / 1024:.0f} MB")
         print(f"  {plc_requests} DID document requests at the PLC, at most {plc_overlap} at once")
+        if len(marks) == 2:
+            (t0, f0, c0), (t1, f1, c1) = marks
+            per_frame = (c1 - c0) / (f1 - f0) * 1e6
+            print(f"  steady state (10%..90% of the frames): {(f1 - f0) / (t1 - t0):,.0f} frames/s, "
+                  f"{per_frame:.1f} µs CPU per frame in this process (one core: {1e6 / per_frame:,.0f} frames/s)")
     finally:
         keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
         if keys:

@@ -53,6 +53,7 @@ from psky.streams import (
     parse_event,
     parse_label_entry,
     parse_stream_event,
+    producer,
     stream_info,
     trim_acknowledged,
 )
@@ -527,6 +528,48 @@ async def test_cursor_not_written_when_an_event_fails(client: aioredis.Redis, re
     await client.delete(broken)
     await writer.flush()  # retried as a whole: the first event again (duplicates are allowed)
     assert await client.get(key) == b"7" and await client.xlen(broken) == 1 and await client.xlen(stream) == 2
+
+
+async def test_single_field_batches_keep_the_cursor_behind_a_failure(client: aioredis.Redis, redis_prefix: str) -> None:
+    """The leaner script (every entry to the writer's stream, one field of the same name) has
+    the same guarantee: a failing XADD stops it before the cursor SET."""
+    stream, key = f"{redis_prefix}s", f"{redis_prefix}s:cursor:h"
+    await client.set(stream, "string value")
+    writer = StreamWriter(client, stream, batch_size=10, high_water_mark=None)
+    await writer.add_many([{"event": b"1"}, {"event": "2"}, {"event": 3}])
+    assert writer._script_arguments(writer._buffer, {})[0] is producer._SINGLE_FIELD_SCRIPT
+    writer.set_cursor_after(key, "9")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await writer.flush()
+    assert await client.get(key) is None and writer.buffered == 3
+    await client.delete(stream)
+    await writer.flush()
+    assert await client.get(key) == b"9"
+    assert [f for _, f in await client.xrange(stream)] == [{b"event": b"1"}, {b"event": b"2"}, {b"event": b"3"}]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [({"event": b"1"}, None), ({"other": b"2"}, None)],  # two field names
+        [({"event": b"1", "extra": b"x"}, None)],  # two fields
+        [({"event": b"1"}, None), ({"event": b"2"}, "elsewhere")],  # another stream
+    ],
+)
+async def test_mixed_batches_take_the_general_script(
+    client: aioredis.Redis, redis_prefix: str, entries: list[tuple[dict[str, bytes], str | None]]
+) -> None:
+    stream = f"{redis_prefix}s"
+    writer = StreamWriter(client, stream, batch_size=10, high_water_mark=None)
+    for fields, other in entries:
+        await writer.add(fields, stream=f"{redis_prefix}{other}" if other else None)
+    assert writer._script_arguments(writer._buffer, {})[0] is producer._WRITE_SCRIPT
+    await writer.flush()
+    expected: dict[str, list[dict[str, bytes]]] = {}
+    for fields, other in entries:
+        expected.setdefault(f"{redis_prefix}{other}" if other else stream, []).append(fields)
+    for target, want in expected.items():
+        assert [{k.decode(): v for k, v in f.items()} for _, f in await client.xrange(target)] == want
 
 
 async def test_writer_timer_flushes(client: aioredis.Redis, redis_prefix: str) -> None:

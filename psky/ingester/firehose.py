@@ -37,12 +37,14 @@ from typing import Any
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
+from libipld import encode_cid
 
 from psky._aio import cancel_and_wait
 from psky.atproto.cbor import cid_str
 from psky.atproto.crypto import PublicKey
 from psky.atproto.firehose import (
     AccountEvent,
+    CheckedCommit,
     CommitEvent,
     CommitResult,
     ErrorFrame,
@@ -51,6 +53,7 @@ from psky.atproto.firehose import (
     InfoEvent,
     SyncEvent,
     UnknownEvent,
+    check_commit_frame,
     decode_frame,
     process_commit,
     process_sync,
@@ -76,6 +79,21 @@ Frame = CommitEvent | SyncEvent | IdentityEvent | AccountEvent | InfoEvent | Err
 
 
 @dataclass(slots=True)
+class _Native:
+    """A ``#commit`` the C fast path decoded and checked, with its frame bytes (the Python
+    path takes the frame over when the signature does not verify)."""
+
+    commit: CheckedCommit
+    data: bytes
+
+
+#: a queued frame: decoded by the Python path or by the native one
+Queued = Frame | _Native
+#: (collection, action, event JSON) per record operation, as the native path returns them
+Events = list[tuple[str, str, bytes]]
+
+
+@dataclass(slots=True)
 class _Ahead:
     """What the reader prepared for one frame: its key fetch, its state read, and for an
     ``#identity`` the resolver checkpoint at the time it was read."""
@@ -91,7 +109,7 @@ class _ReadAheadQueue:
     def __init__(self, max_frames: int, max_bytes: int) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self._items: deque[tuple[Frame, int, _Ahead | None]] = deque()
+        self._items: deque[tuple[Queued, int, _Ahead | None]] = deque()
         self._bytes = 0
         self._room = asyncio.Event()
         self._room.set()
@@ -101,7 +119,7 @@ class _ReadAheadQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, frame: Frame, size: int, ahead: _Ahead | None) -> None:
+    def put(self, frame: Queued, size: int, ahead: _Ahead | None) -> None:
         self._items.append((frame, size, ahead))
         self._bytes += size
         self._ready.set()
@@ -124,7 +142,7 @@ class _ReadAheadQueue:
         finally:
             room.cancel()
 
-    async def get(self) -> tuple[Frame, _Ahead | None] | None:
+    async def get(self) -> tuple[Queued, _Ahead | None] | None:
         while not self._items:
             if self._closed:
                 return None
@@ -230,6 +248,11 @@ class FirehoseIngester:
                 processor.result()  # its error ends the connection (and the task) as before
 
         async def on_frame(data: bytes) -> None:
+            checked = check_commit_frame(data, verify=True)
+            if checked is not None:
+                self._incoming.inc()
+                queue.put(_Native(checked, data), len(data), await self._prepare_repo(checked.repo, True))
+                return
             frame = self._decode(data)
             if frame is not None:
                 queue.put(frame, len(data), await self._prepare(frame))
@@ -270,13 +293,14 @@ class FirehoseIngester:
         if isinstance(frame, CommitEvent):
             if frame.too_big:
                 return None
-            did = frame.repo
-        elif isinstance(frame, SyncEvent):
-            did = frame.did
-        elif isinstance(frame, IdentityEvent):
+            return await self._prepare_repo(frame.repo, True)
+        if isinstance(frame, SyncEvent):
+            return await self._prepare_repo(frame.did, False)
+        if isinstance(frame, IdentityEvent):
             return _Ahead(checkpoint=self.keys.checkpoint())
-        else:
-            return None
+        return None
+
+    async def _prepare_repo(self, did: str, commit: bool) -> _Ahead | None:
         ahead = _Ahead()
         if not self.keys.is_cached(did):
             task = self._key_fetches.get(did)
@@ -286,7 +310,7 @@ class FirehoseIngester:
                 self._key_fetches[did] = task
                 self._prefetches.inc()
             ahead.key = task
-        if isinstance(frame, CommitEvent) and not self.states.cached(did):
+        if commit and not self.states.cached(did):
             load = self._state_loads.get(did)
             if load is None:
                 if self._state_batch is None or self._state_batch_task is None:
@@ -346,6 +370,11 @@ class FirehoseIngester:
 
     async def handle_frame(self, data: bytes) -> None:
         """Process one binary frame now; never raises for bad content (logged and counted)."""
+        checked = check_commit_frame(data, verify=self.verify != "off")
+        if checked is not None:
+            self._incoming.inc()
+            await self._process(_Native(checked, data), None)
+            return
         frame = self._decode(data)
         if frame is not None:
             await self._process(frame, None)
@@ -360,8 +389,15 @@ class FirehoseIngester:
                                             "error": str(e)[:300]})
             return None
 
-    async def _process(self, frame: Frame, ahead: _Ahead | None) -> None:
-        if isinstance(frame, CommitEvent):
+    async def _process(self, frame: Queued, ahead: _Ahead | None) -> None:
+        if isinstance(frame, _Native):
+            checked = frame.commit
+            if self._stale(checked.seq):
+                return
+            self._frames["commit"].inc()
+            await self._native_commit(checked, frame.data, ahead)
+            self._advance(checked.seq, checked.time)
+        elif isinstance(frame, CommitEvent):
             if self._stale(frame.seq):
                 return
             self._frames["commit"].inc()
@@ -434,6 +470,7 @@ class FirehoseIngester:
         self.metrics.verify_failures.labels(host=self.host, reason=reason).inc()
 
     async def _commit(self, ev: CommitEvent, ahead: _Ahead | None) -> None:
+        """The Python path: any commit the native one did not take."""
         if ev.too_big:
             await self._resync(ev.repo, ev.rev, "too-big")
             return
@@ -442,41 +479,65 @@ class FirehoseIngester:
             reasons = list(result.reasons)
         else:
             result, reasons = await self._verified(ev, ahead)
+        data = result.data
+        dumps = orjson.dumps
+        events = [(op.collection, op.action, dumps(event))
+                  for op, event in zip(result.ops, to_stream_events(result, ev), strict=True)]
+        await self._emit(ev.repo, ev.rev, ev.seq, reasons, result.errors,
+                         cid_str(data) if data is not None else "", events)
+
+    async def _native_commit(self, checked: CheckedCommit, data: bytes, ahead: _Ahead | None) -> None:
+        """A commit the native path decoded and checked (blocks, commit, proof when verifying):
+        here the signature and the repo chain; anything but a good signature goes to the
+        Python path, which refreshes a rotated key and reports exactly."""
+        if self.verify == "off":
+            await self._emit(checked.repo, checked.rev, checked.seq, [], [], "", checked.events)
+            return
+        key = await self._key(checked.repo, ahead)
+        assert checked.unsigned is not None and checked.sig is not None and checked.data is not None
+        if key is None or not key.verify(checked.unsigned, checked.sig):
+            frame = decode_frame(data)  # the same frame: a CommitEvent by check_commit_frame's contract
+            assert isinstance(frame, CommitEvent)
+            await self._commit(frame, ahead)
+            return
+        root = str(encode_cid(checked.data))
+        prev = str(encode_cid(checked.prev_data)) if checked.prev_data is not None else None
+        reasons = await self._chain(checked.repo, checked.rev, root, prev, ahead)
+        await self._emit(checked.repo, checked.rev, checked.seq, reasons, [], root, checked.events)
+
+    async def _emit(self, repo: str, rev: str, seq: int, reasons: list[str], errors: list[str],
+                    root: str, events: Events) -> None:
+        """Count the failed checks, apply the mode's policy, move the repo state and queue the
+        events that pass the collection filter."""
         for reason in reasons:
             self._fail(reason)
         if reasons and self.verify == "strict":
             self.metrics.dropped.labels(host=self.host).inc()
-            log.warning("commit dropped", extra={"host": self.host, "seq": ev.seq, "did": ev.repo,
-                                                 "reasons": reasons, "errors": result.errors[:3]})
-            self.writer.set_cursor_after(state_key(self.config.firehose_stream, ev.repo),
-                                         self.states.put(ev.repo, None))
-            await self._resync(ev.repo, ev.rev, "verification")
+            log.warning("commit dropped", extra={"host": self.host, "seq": seq, "did": repo,
+                                                 "reasons": reasons, "errors": errors[:3]})
+            self.writer.set_cursor_after(state_key(self.config.firehose_stream, repo),
+                                         self.states.put(repo, None))
+            await self._resync(repo, rev, "verification")
             return
         if reasons:
-            log.info("commit failed checks, passed on", extra={"host": self.host, "seq": ev.seq, "did": ev.repo,
+            log.info("commit failed checks, passed on", extra={"host": self.host, "seq": seq, "did": repo,
                                                                "reasons": reasons})
             if not _DATA_LOSS.isdisjoint(reasons):
-                await self._resync(ev.repo, ev.rev, "incomplete")
+                await self._resync(repo, rev, "incomplete")
         if self.verify != "off":
-            data = result.data
-            value = self.states.put(ev.repo, RepoState(ev.rev, cid_str(data) if data is not None else ""))
-            self.writer.set_cursor_after(state_key(self.config.firehose_stream, ev.repo), value)
+            value = self.states.put(repo, RepoState(rev, root))
+            self.writer.set_cursor_after(state_key(self.config.firehose_stream, repo), value)
         if not self._keep_all:
-            kept = [op for op in result.ops if self.filter(op.collection)]
-            if len(kept) != len(result.ops):
-                self._filtered.inc(len(result.ops) - len(kept))
-                result.ops = kept
-        events = to_stream_events(result, ev)
+            kept = [e for e in events if self.filter(e[0])]
+            if len(kept) != len(events):
+                self._filtered.inc(len(events) - len(kept))
+                events = kept
         if not events:
             return
-        dumps = orjson.dumps
-        entries = []
         counts: dict[str, int] = {}
-        for event in events:
-            entries.append({"event": dumps(event)})
-            kind = event["type"]
+        for _, kind, _ in events:
             counts[kind] = counts.get(kind, 0) + 1
-        await self.writer.add_many(entries)
+        await self.writer.add_many([{"event": event} for _, _, event in events])
         for kind, n in counts.items():
             self._events[kind].inc(n)
 
@@ -491,18 +552,26 @@ class FirehoseIngester:
         reasons = list(result.reasons)
         if key is None:
             reasons.append("key-unavailable")
+        data = result.data
+        reasons += await self._chain(ev.repo, ev.rev, cid_str(data) if data is not None else None,
+                                     cid_str(ev.prev_data) if ev.prev_data is not None else None, ahead)
+        return result, reasons
+
+    async def _chain(self, repo: str, rev: str, root: str | None, prev_data: str | None,
+                     ahead: _Ahead | None) -> list[str]:
+        """The repo's rev and ``prevData`` chain against the last state seen (in Redis)."""
         if ahead is not None and ahead.state is not None:
             await ahead.state  # never raises; afterwards get() answers from memory
-        state = await self.states.get(ev.repo)
-        if state is not None:
-            data = result.data
-            if ev.rev == state.rev and data is not None and cid_str(data) == state.data:
-                pass  # the same commit again (replayed after a stop mid-commit): at least once
-            elif ev.rev <= state.rev:
-                reasons.append("rev-not-newer")
-            elif ev.prev_data is not None and state.data and cid_str(ev.prev_data) != state.data:
-                reasons.append("prev-data-mismatch")
-        return result, reasons
+        state = await self.states.get(repo)
+        if state is None:
+            return []
+        if rev == state.rev and root is not None and root == state.data:
+            return []  # the same commit again (replayed after a stop mid-commit): at least once
+        if rev <= state.rev:
+            return ["rev-not-newer"]
+        if prev_data is not None and state.data and prev_data != state.data:
+            return ["prev-data-mismatch"]
+        return []
 
     async def _key(self, did: str, ahead: _Ahead | None) -> PublicKey | None:
         """The signing key: fetched ahead by the reader, or now."""

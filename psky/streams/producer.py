@@ -1,8 +1,9 @@
 """Batched, back-pressured stream writes (the ingester's and backfiller's output side).
 
 :class:`StreamWriter` buffers entries and writes each batch with one Lua script call
-(``XADD`` × n, then the cursor ``SET`` s that the batch covers, then ``XLEN``). The script
-stops at the first failing command, so a cursor is never stored unless every event it covers
+(``XADD`` × n, then the cursor ``SET`` s that the batch covers, then ``XLEN``; a leaner
+script for the usual batch of single-field entries). The script stops at the first failing
+command, so a cursor is never stored unless every event it covers
 is, and one call per batch costs the client far less than a pipeline of n commands (about
 2.5× the throughput). The ``XLEN`` at the end of each batch feeds the high-water mark: while
 the stream is at or above it, :meth:`StreamWriter.wait_below_high_water_mark` (and so
@@ -67,6 +68,22 @@ for c = 0, ncursors - 1 do
   redis.call('SET', KEYS[tonumber(ARGV[2 + 2 * c])], ARGV[3 + 2 * c])
 end
 return {added, redis.call('XLEN', KEYS[1])}
+""")
+# The usual batch (every entry to the writer's own stream, one field of the same name: the
+# firehose's {"event": json}) takes a leaner script: one argument per value, no unpacking in
+# Lua. Redis spends about half the time per entry (2.4 µs instead of 4.3 on this machine) and
+# redis-py packs an argument for ~0.9 µs. ARGV: ncursors, (key index, value) per cursor,
+# field name, values.
+_SINGLE_FIELD_SCRIPT = LuaScript("""
+local ncursors = tonumber(ARGV[1])
+local first, field, key = 3 + 2 * ncursors, ARGV[2 + 2 * ncursors], KEYS[1]
+for i = first, #ARGV do
+  redis.call('XADD', key, '*', field, ARGV[i])
+end
+for c = 0, ncursors - 1 do
+  redis.call('SET', KEYS[tonumber(ARGV[2 + 2 * c])], ARGV[3 + 2 * c])
+end
+return {#ARGV - first + 1, redis.call('XLEN', key)}
 """)
 #: pipelined writes: entries added between two yields to the event loop while a batch is written
 _YIELD_EVERY = 32
@@ -287,13 +304,13 @@ class StreamWriter:
     async def _write(
         self, batch: list[tuple[str, Mapping[str, FieldValue]]], cursors: dict[str, str], wait_for_room: bool
     ) -> None:
-        keys, args = self._script_arguments(batch, cursors)
+        script, keys, args = self._script_arguments(batch, cursors)
         backoff = Backoff(0.05, 5.0)
         while True:
             if wait_for_room:
                 await self.wait_below_high_water_mark()
             try:
-                reply = await _WRITE_SCRIPT(self._raw, keys, args)
+                reply = await script(self._raw, keys, args)
             except Exception as e:
                 if not (self.retry and is_transient(e)):
                     raise
@@ -318,14 +335,21 @@ class StreamWriter:
 
     def _script_arguments(
         self, batch: list[tuple[str, Mapping[str, FieldValue]]], cursors: dict[str, str]
-    ) -> tuple[list[str], list[bytes | str | int]]:
-        """KEYS = [main stream, other streams…, cursor keys…]; ARGV as the script reads it."""
+    ) -> tuple[LuaScript, list[str], list[bytes | str | int]]:
+        """The script for *batch* and its KEYS = [main stream, other streams…, cursor keys…]
+        and ARGV as the script reads them."""
         keys = [self.stream]
-        index = {self.stream: 1}
         args: list[bytes | str | int] = [len(cursors)]
         for key, cursor in cursors.items():
             keys.append(key)
             args += (len(keys), cursor)
+        single = self._single_field(batch)
+        if single is not None:
+            field, values = single
+            args.append(field)
+            args += values
+            return _SINGLE_FIELD_SCRIPT, keys, args
+        index = {self.stream: 1}
         ints: list[int] = []
         parts: list[bytes] = []
         for stream, fields in batch:
@@ -343,7 +367,27 @@ class StreamWriter:
         if sys.byteorder != "little":
             header.byteswap()
         args += (header.tobytes(), b"".join(parts))
-        return keys, args
+        return _WRITE_SCRIPT, keys, args
+
+    def _single_field(self, batch: list[tuple[str, Mapping[str, FieldValue]]]) -> tuple[str, list[bytes]] | None:
+        """(field name, byte values) when every entry goes to the writer's stream with one
+        field of the same name, else None."""
+        if not batch:
+            return None
+        main = self.stream
+        field: str | None = None
+        values: list[bytes] = []
+        for stream, fields in batch:
+            if stream != main or len(fields) != 1:
+                return None
+            for name, value in fields.items():
+                if field is None:
+                    field = name
+                elif name != field:
+                    return None
+                values.append(value if type(value) is bytes else _value_bytes(value))
+        assert field is not None
+        return field, values
 
     async def wait_below_high_water_mark(self) -> None:
         """Return once the stream is below the high-water mark.
