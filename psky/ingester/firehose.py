@@ -493,7 +493,9 @@ class FirehoseIngester:
         if self.verify == "off":
             await self._emit(checked.repo, checked.rev, checked.seq, [], [], "", checked.events)
             return
-        key = await self._key(checked.repo, ahead)
+        key = self.keys.cached_key(checked.repo) if ahead is None or ahead.key is None else None
+        if key is None:
+            key = await self._key(checked.repo, ahead)
         assert checked.unsigned is not None and checked.sig is not None and checked.data is not None
         if key is None or not key.verify(checked.unsigned, checked.sig):
             frame = decode_frame(data)  # the same frame: a CommitEvent by check_commit_frame's contract
@@ -562,7 +564,9 @@ class FirehoseIngester:
         """The repo's rev and ``prevData`` chain against the last state seen (in Redis)."""
         if ahead is not None and ahead.state is not None:
             await ahead.state  # never raises; afterwards get() answers from memory
-        state = await self.states.get(repo)
+        hit, state = self.states.peek(repo)
+        if not hit:
+            state = await self.states.get(repo)
         if state is None:
             return []
         if rev == state.rev and root is not None and root == state.data:

@@ -75,6 +75,14 @@ class RepoStateStore:
         """Whether :meth:`get` answers from memory (no Redis read)."""
         return did in self._cache
 
+    def peek(self, did: str) -> tuple[bool, RepoState | None]:
+        """(True, state) when :meth:`get` would answer from memory, else (False, None)."""
+        cache = self._cache
+        if did not in cache:
+            return False, None
+        cache.move_to_end(did)
+        return True, cache[did]
+
     async def load(self, dids: list[str]) -> None:
         """Read the states of *dids* not in memory yet with one MGET (read-ahead, so that
         :meth:`get` finds them). A state remembered meanwhile is newer than Redis and kept."""
@@ -127,6 +135,16 @@ class KeyCache:
         try:
             return self.parse(await self.resolver.signing_key(did))
         except (ResolutionError, ValueError):
+            return None
+
+    def cached_key(self, did: str) -> PublicKey | None:
+        """The signing key when the document is cached (no await), else None."""
+        did_key = self.resolver.cached_signing_key(did)
+        if did_key is None:
+            return None
+        try:
+            return self.parse(did_key)
+        except ValueError:
             return None
 
     async def label_key(self, did: str) -> PublicKey | None:
