@@ -8,6 +8,10 @@ printed are frames/s and events/s into Redis, CPU of this process and its peak R
 many DID documents the devnet PLC served and how many of those requests overlapped at most.
 ``--plc-latency-ms`` delays every DID document (after seeding) like a distant directory: each
 mode starts with a cold key cache, so this shows how well resolutions overlap processing.
+A mode with ``-warm`` (``lenient-warm``) starts with every author's DID document cached, as
+on a live firehose where nearly every commit comes from an account seen before. ``raw`` only
+reads the frames (the relay's ceiling on this machine). Each mode also prints its steady
+state (10% to 90% of the frames) and the CPU per frame of this process.
 The issue's goals on one core: >= 30,000 frames/s unverified, >= 10,000 verified, <= 150 MB.
 
 ``--backpressure-seconds N`` measures memory under backpressure instead: the devnet keeps
@@ -19,7 +23,7 @@ max-min spread at the end (it must stay flat: bounded queues, TCP flow control h
 Redis: ``REDIS_URL`` if set, else an embedded server in a temporary directory.
 
 Usage: python benchmarks/bench_ingester.py [--accounts 500] [--records 40] [--pds 2]
-       [--modes off,lenient] [--profile] [--plc-latency-ms 50]
+       [--modes raw,off,lenient,lenient-warm] [--profile] [--plc-latency-ms 50]
        [--backpressure-seconds N [--live-rate 200] [--high-water-mark 5000] [--sample-seconds 5]]
 """
 
@@ -41,6 +45,7 @@ from multiprocessing.connection import Connection
 from prometheus_client import CollectorRegistry
 
 from psky.devnet.network import Devnet
+from psky.identity import IdentityResolver
 from psky.ingester import IngesterConfig, run_ingester
 from psky.ops.embedded import EmbeddedServices
 from psky.streams import connect, cursor_key
@@ -119,6 +124,10 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
     if mode == "raw":
         await _raw(relay, seq)
         return
+    resolver = None
+    if mode.endswith("-warm"):  # every author's DID document cached beforehand, as on a live firehose
+        mode = mode.removesuffix("-warm")
+        resolver = await _warm_resolver(relay, plc)
     prefix = f"bench:{os.getpid()}:{mode}:"
     config = IngesterConfig.from_env({
         "REDIS_URL": url, "INGESTER_MODE": "firehose", "INGESTER_RELAY_HOSTS": relay, "PLC_URL": plc,
@@ -169,7 +178,7 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         conn.send("plc")
         plc_requests, plc_overlap = await loop.run_in_executor(None, conn.recv)
-        print(f"verify={mode}: {frames or 0:.0f} frames, {events} events in {elapsed:.2f}s "
+        print(f"verify={mode}{' (DID documents cached beforehand)' if resolver else ''}: {frames or 0:.0f} frames, {events} events in {elapsed:.2f}s "
               f"({failures:.0f} verification failures)")
         print(f"  {(frames or 0) / elapsed:,.0f} frames/s, {events / elapsed:,.0f} events/s; "
               f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core), "
@@ -185,6 +194,26 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+        if resolver is not None:
+            await resolver.close()
+
+
+async def _warm_resolver(relay: str, plc: str) -> IdentityResolver:
+    """A resolver holding every repo's DID document (listed by the relay's listRepos)."""
+    import aiohttp
+
+    resolver = IdentityResolver(plc)
+    async with aiohttp.ClientSession() as session:
+        cursor = None
+        while True:
+            params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
+            async with session.get(f"{relay}/xrpc/com.atproto.sync.listRepos", params=params) as resp:
+                page = await resp.json()
+            for repo in page.get("repos", []):
+                await resolver.resolve(repo["did"])
+            cursor = page.get("cursor")
+            if not cursor or not page.get("repos"):
+                return resolver
 
 
 async def _backpressure(url: str, relay: str, plc: str, conn: Connection, args: argparse.Namespace) -> None:

@@ -1043,3 +1043,28 @@ async def test_non_blocking_reader(client: aioredis.Redis, redis_prefix: str) ->
         return []
 
     assert seqs(await asyncio.wait_for(first_batch(), 5)) == [0]
+
+
+async def test_packed_commands_match_redis_py_and_survive_cancellation(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """The scripts' own RESP packing gives redis-py's bytes; a command cancelled while its
+    reply is pending closes its connection, so no later command reads that stale reply."""
+    from psky.streams._redis import pack_command, packed_command
+
+    args: list[bytes | str | int | float] = ["SET", f"{redis_prefix}k", b"\x00\xff", "é", 3, -1.5]
+    conn = client.connection_pool.make_connection()
+    assert b"".join(pack_command(args)) == b"".join(conn.pack_command(*args))
+    with pytest.raises(TypeError):
+        pack_command([None])  # type: ignore[list-item]
+    blocked = asyncio.create_task(packed_command(client, pack_command(["BLPOP", f"{redis_prefix}list", "2"])))
+    await asyncio.sleep(0.2)
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    await client.rpush(f"{redis_prefix}list", "pushed")  # the BLPOP would have taken it
+    for _ in range(5):  # every pooled connection answers its own command
+        assert await packed_command(client, pack_command(["LLEN", f"{redis_prefix}list"])) == 1
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await packed_command(client, pack_command(["XLEN", f"{redis_prefix}list"]))
+    assert await packed_command(client, pack_command(["LPOP", f"{redis_prefix}list"])) == b"pushed"

@@ -46,14 +46,18 @@ async def run_ingester(
     stop: asyncio.Event,
     registry: CollectorRegistry | None = None,
     on_listening: Callable[[int], None] | None = None,
+    resolver: IdentityResolver | None = None,
 ) -> None:
     """Run until *stop* is set. ``registry`` lets an embedding process (or a test) read the
     metrics; by default a private one is served on ``metrics_port`` (-1: not served;
-    0: a free port, passed to ``on_listening``)."""
+    0: a free port, passed to ``on_listening``). ``resolver`` shares a DID document cache
+    with the embedding process (by default the ingester has its own)."""
     metrics = IngesterMetrics(registry)
     redis = connect(config.redis_url)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
-    resolver = IdentityResolver(config.plc_url, handle_map=config.handle_resolver_map)
+    own_resolver = resolver is None
+    if resolver is None:
+        resolver = IdentityResolver(config.plc_url, handle_map=config.handle_resolver_map)
     keys = KeyCache(resolver)
     tasks: list[_Task] = []
     if config.mode in ("all", "firehose"):
@@ -105,7 +109,8 @@ async def run_ingester(
         finally:  # also when the caller cancels the stop itself: release sockets
             if server is not None:
                 await server.stop()
-            await resolver.close()
+            if own_resolver:
+                await resolver.close()
             await session.close()
             await redis.aclose()
 

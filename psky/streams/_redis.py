@@ -120,9 +120,48 @@ class Backoff:
         self.attempt = 0
 
 
+def pack_command(args: Sequence[bytes | str | int | float]) -> list[bytes]:
+    """The RESP encoding of one command, as the chunks to write. redis-py's packer costs
+    ~0.9 µs an argument, this ~0.3: it matters for the scripts that take one argument per
+    stream entry."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if type(arg) is bytes:
+            value = arg
+        elif type(arg) is str:
+            value = arg.encode()
+        elif isinstance(arg, (bytes, bytearray, memoryview)):
+            value = bytes(arg)
+        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            value = repr(arg).encode()
+        else:
+            raise TypeError(f"command arguments are bytes, str or numbers, not {type(arg).__name__}")
+        out += (b"$%d\r\n" % len(value), value, b"\r\n")
+    return out
+
+
+async def packed_command(client: aioredis.Redis, packed: list[bytes]) -> Any:
+    """Send an already packed command on a pooled connection and read its reply (bytes never
+    decoded). A connection that fails or is cancelled mid-command is closed, never reused
+    with a reply still unread; an error reply raises like ``execute_command``'s."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await conn.send_packed_command(packed)
+        return await conn.read_response(disable_decoding=True)
+    except ResponseError:
+        raise  # the whole reply was read: the connection is fine
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+
+
 class LuaScript:
     """A Lua script run by SHA1 (``EVALSHA``), sent in full only when the server lacks it
-    (first use, or after a restart or ``SCRIPT FLUSH``)."""
+    (first use, or after a restart or ``SCRIPT FLUSH``). The command is packed here (see
+    :func:`pack_command`), not by redis-py."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -130,6 +169,6 @@ class LuaScript:
 
     async def __call__(self, client: aioredis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
-            return await command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
+            return await packed_command(client, pack_command(["EVALSHA", self.sha, len(keys), *keys, *args]))
         except NoScriptError:
-            return await command(client, "EVAL", self.source, len(keys), *keys, *args)
+            return await packed_command(client, pack_command(["EVAL", self.source, len(keys), *keys, *args]))
