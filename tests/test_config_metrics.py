@@ -60,3 +60,34 @@ async def test_metrics_and_health_server() -> None:
                 assert resp.status == 503
     finally:
         await server.stop()
+
+
+def test_hot_metrics_read_like_prometheus_client_ones() -> None:
+    """HotCounter/HotGauge (per-frame metrics) expose what prometheus_client's would."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    from psky.metrics import HotCounter, HotGauge
+
+    hot, ref = CollectorRegistry(), CollectorRegistry()
+    counter = HotCounter("psky_test_frames", "Frames", ["host", "type"], hot)
+    gauge = HotGauge("psky_test_cursor", "Cursor", ["host"], hot)
+    ref_counter = Counter("psky_test_frames", "Frames", ["host", "type"], registry=ref)
+    ref_gauge = Gauge("psky_test_cursor", "Cursor", ["host"], registry=ref)
+    for c in (counter, ref_counter):
+        c.labels(host="a", type="commit").inc()
+        c.labels("a", "commit").inc(2)
+        c.labels(host="b", type="sync").inc(0.5)
+    gauge.labels(host="a").set(7)
+    ref_gauge.labels(host="a").set(7)
+
+    def samples(text: bytes) -> list[str]:
+        return sorted(line for line in text.decode().splitlines() if not line.startswith("#") and "_created" not in line)
+
+    assert samples(generate_latest(hot)) == samples(generate_latest(ref))
+    assert hot.get_sample_value("psky_test_frames_total", {"host": "a", "type": "commit"}) == 3
+    with pytest.raises(ValueError):
+        counter.labels(host="a")
+    with pytest.raises(ValueError):
+        counter.labels("a")
+    with pytest.raises(ValueError):  # the registry still refuses a second metric of that name
+        HotCounter("psky_test_frames", "again", ["host"], hot)

@@ -279,12 +279,13 @@ class FirehoseIngester:
                 await cancel_and_wait(task)
 
     async def _process_queue(self, queue: _ReadAheadQueue) -> None:
-        wait_for_room = self.writer.wait_below_high_water_mark
+        writer = self.writer
         while True:
             item = await queue.get()
             if item is None:
                 return
-            await wait_for_room()
+            if not writer.below_high_water_mark():
+                await writer.wait_below_high_water_mark()
             await self._process(*item)
 
     async def _prepare(self, frame: Frame) -> _Ahead | None:

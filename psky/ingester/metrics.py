@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from psky.metrics import HotCounter, HotGauge
+
 __all__ = ["IngesterMetrics"]
 
 
@@ -28,14 +30,15 @@ class IngesterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.incoming = Counter("firehose_ingester_incoming_events", "Frames read from a relay", ["host"], registry=r)
-        self.stream_events = Counter(
-            "firehose_ingester_stream_events", "Events queued for the firehose stream", ["host", "type"], registry=r
+        # updated per frame: plain numbers read at collection time (psky.metrics.HotCounter)
+        self.incoming = HotCounter("firehose_ingester_incoming_events", "Frames read from a relay", ["host"], r)
+        self.stream_events = HotCounter(
+            "firehose_ingester_stream_events", "Events queued for the firehose stream", ["host", "type"], r
         )
-        self.filtered = Counter(
-            "ingester_firehose_filtered_operations", "Operations outside the collection filter", ["host"], registry=r
+        self.filtered = HotCounter(
+            "ingester_firehose_filtered_operations", "Operations outside the collection filter", ["host"], r
         )
-        self.frames = Counter("ingester_firehose_frames", "Frames by type", ["host", "type"], registry=r)
+        self.frames = HotCounter("ingester_firehose_frames", "Frames by type", ["host", "type"], r)
         self.bad_frames = Counter("ingester_bad_frames", "Frames that failed to decode", ["host", "reason"], registry=r)
         self.verify_failures = Counter(
             "ingester_verification_failures", "Failed commit checks by reason", ["host", "reason"], registry=r
@@ -53,7 +56,7 @@ class IngesterMetrics:
             registry=r,
         )
         self.lag = Gauge("ingester_firehose_lag_seconds", "Seconds behind the relay's event time", ["host"], registry=r)
-        self.cursor = Gauge("ingester_firehose_cursor", "Last seq processed", ["host"], registry=r)
+        self.cursor = HotGauge("ingester_firehose_cursor", "Last seq processed", ["host"], r)
         self.repos = Counter("ingester_repos_enumerated", "listRepos entries queued", ["host"], registry=r)
         self.repos_errors = Counter("ingester_repos_enumeration_errors", "listRepos failures", ["host"], registry=r)
         self.repos_given_up = Counter(

@@ -372,22 +372,26 @@ class StreamWriter:
     def _single_field(self, batch: list[tuple[str, Mapping[str, FieldValue]]]) -> tuple[str, list[bytes]] | None:
         """(field name, byte values) when every entry goes to the writer's stream with one
         field of the same name, else None."""
-        if not batch:
+        if not batch or len(batch[0][1]) != 1:
             return None
         main = self.stream
-        field: str | None = None
-        values: list[bytes] = []
-        for stream, fields in batch:
-            if stream != main or len(fields) != 1:
-                return None
-            for name, value in fields.items():
-                if field is None:
-                    field = name
-                elif name != field:
-                    return None
-                values.append(value if type(value) is bytes else _value_bytes(value))
-        assert field is not None
-        return field, values
+        field = next(iter(batch[0][1]))
+        try:
+            values = [fields[field] for stream, fields in batch if stream == main and len(fields) == 1]
+        except KeyError:  # another field name
+            return None
+        if len(values) != len(batch):
+            return None
+        for value in values:
+            if type(value) is not bytes:
+                return field, [_value_bytes(v) for v in values]
+        return field, values  # type: ignore[return-value]
+
+    def below_high_water_mark(self) -> bool:
+        """Whether :meth:`wait_below_high_water_mark` would return at once (no await)."""
+        mark = self.high_water_mark
+        known = self.stats.stream_length
+        return mark is None or (known is not None and known < mark)
 
     async def wait_below_high_water_mark(self) -> None:
         """Return once the stream is below the high-water mark.
