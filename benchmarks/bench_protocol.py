@@ -20,7 +20,14 @@ from typing import Any
 
 from psky.atproto import cbor
 from psky.atproto.crypto import PrivateKey
-from psky.atproto.firehose import CommitEvent, decode_frame, process_commit, to_stream_events
+from psky.atproto.firehose import (
+    NATIVE_COMMITS,
+    CommitEvent,
+    check_commit_frame,
+    decode_frame,
+    process_commit,
+    to_stream_events,
+)
 from psky.atproto.lexicon import Lexicons
 from psky.atproto.repo import RepoWriter, build_repo, verify_repo
 from psky.atproto.syntax import make_tid
@@ -115,6 +122,26 @@ def bench_frames(n_frames: int, seconds: float, key: PrivateKey) -> None:
             to_stream_events(res, ev)
         return len(frames)
 
+    verifier = key.public_key()
+
+    def native_off() -> int:
+        for f in frames:
+            assert check_commit_frame(f, verify=False) is not None
+        return len(frames)
+
+    def native_signed() -> int:
+        for f in frames:
+            checked = check_commit_frame(f, verify=True)
+            assert checked is not None and checked.unsigned is not None and checked.sig is not None
+            assert verifier.verify(checked.unsigned, checked.sig)
+        return len(frames)
+
+    def signature_only() -> int:
+        signed = [(c.unsigned, c.sig) for c in (check_commit_frame(f, verify=True) for f in frames[:500]) if c]
+        for unsigned_bytes, sig in signed:
+            assert unsigned_bytes is not None and sig is not None and verifier.verify(unsigned_bytes, sig)
+        return len(signed)
+
     print(f"firehose #commit frames ({len(frames)} distinct, {avg:.0f} bytes avg, 1-3 ops, tree of ~5k records)")
     r, _ = rate(decode_only, seconds)
     print(f"  decode frame only                                   {r:>10,.0f} frames/s")
@@ -122,6 +149,15 @@ def bench_frames(n_frames: int, seconds: float, key: PrivateKey) -> None:
     print(f"  decode + CAR + proof check + events (no signature)  {r:>10,.0f} frames/s   goal >= 30,000")
     r, _ = rate(signed, seconds)
     print(f"  ... + K-256 signature verification                  {r:>10,.0f} frames/s   goal >= 10,000")
+    if not NATIVE_COMMITS:
+        print("  (native fast path not built or PSKY_NATIVE=0: no native figures)")
+        return
+    r, _ = rate(native_off, seconds)
+    print(f"  native fast path, unverified: decode + events JSON  {r:>10,.0f} frames/s")
+    r, _ = rate(native_signed, seconds)
+    print(f"  native fast path, verified: + hashes, proof, K-256  {r:>10,.0f} frames/s")
+    r, _ = rate(signature_only, seconds)
+    print(f"  K-256 signature verification alone (libsecp256k1)   {r:>10,.0f} signatures/s")
 
 
 def bench_car(n_records: int, seconds: float, key: PrivateKey) -> None:
