@@ -184,6 +184,11 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
               f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core), "
               f"peak RSS {cpu1.ru_maxrss / 1024:.0f} MB")
         print(f"  {plc_requests} DID document requests at the PLC, at most {plc_overlap} at once")
+        reconnects = sum(s.value for m in registry.collect() for s in m.samples if s.name == "ingester_reconnects_total")
+        retries = sum(s.value for m in registry.collect() for s in m.samples
+                      if s.name == "ingester_stream_write_retries_total")
+        if reconnects or retries:
+            print(f"  {reconnects:.0f} reconnects, {retries:.0f} stream write retries (duplicates are possible)")
         if len(marks) == 2:
             (t0, f0, c0), (t1, f1, c1) = marks
             per_frame = (c1 - c0) / (f1 - f0) * 1e6

@@ -87,6 +87,9 @@ class _Native:
     data: bytes
 
 
+#: most commits whose signatures are checked back to back (see _signature_run)
+_SIGNATURE_RUN = 64
+
 #: a queued frame: decoded by the Python path or by the native one
 Queued = Frame | _Native
 #: (collection, action, event JSON) per record operation, as the native path returns them
@@ -142,6 +145,20 @@ class _ReadAheadQueue:
         finally:
             room.cancel()
 
+    def peek(self) -> tuple[Queued, _Ahead | None] | None:
+        """The next frame if one is queued (not taken)."""
+        if not self._items:
+            return None
+        frame, _, ahead = self._items[0]
+        return frame, ahead
+
+    def pop_front(self) -> None:
+        """Take the frame :meth:`peek` returned."""
+        _, size, _ = self._items.popleft()
+        self._bytes -= size
+        if len(self._items) < self.max_frames and self._bytes < self.max_bytes:
+            self._room.set()
+
     async def get(self) -> tuple[Queued, _Ahead | None] | None:
         while not self._items:
             if self._closed:
@@ -153,6 +170,20 @@ class _ReadAheadQueue:
         if len(self._items) < self.max_frames and self._bytes < self.max_bytes:
             self._room.set()
         return frame, ahead
+
+
+def _chain_reasons(state: RepoState | None, rev: str, root: str | None, prev_data: str | None) -> list[str]:
+    """Failed chain checks of a commit (*rev*, MST root *root*, ``prevData``) against the
+    repo's last seen *state*."""
+    if state is None:
+        return []
+    if rev == state.rev and root is not None and root == state.data:
+        return []  # the same commit again (replayed after a stop mid-commit): at least once
+    if rev <= state.rev:
+        return ["rev-not-newer"]
+    if prev_data is not None and state.data and prev_data != state.data:
+        return ["prev-data-mismatch"]
+    return []
 
 
 class FirehoseIngester:
@@ -182,6 +213,7 @@ class FirehoseIngester:
             pipeline=True,  # the next frames are processed while Redis writes a batch
         )
         self.states = RepoStateStore(redis, config.firehose_stream, max_entries=config.repo_state_cache)
+        self._state_prefix = state_key(config.firehose_stream, "")
         self._raw = raw_client(redis)
         self.filter = CollectionFilter(config.collections)
         self._keep_all = "*" in self.filter.patterns  # no filter call per op
@@ -251,7 +283,9 @@ class FirehoseIngester:
             checked = check_commit_frame(data, verify=True)
             if checked is not None:
                 self._incoming.inc()
-                queue.put(_Native(checked, data), len(data), await self._prepare_repo(checked.repo, True))
+                did = checked.repo
+                ready = self.keys.is_cached(did) and self.states.cached(did)  # the usual case: no await
+                queue.put(_Native(checked, data), len(data), None if ready else await self._prepare_repo(did, True))
                 return
             frame = self._decode(data)
             if frame is not None:
@@ -284,9 +318,57 @@ class FirehoseIngester:
             item = await queue.get()
             if item is None:
                 return
-            if not writer.below_high_water_mark():
-                await writer.wait_below_high_water_mark()
-            await self._process(*item)
+            frame, ahead = item
+            run = self._signature_run(queue, frame, ahead) if isinstance(frame, _Native) else None
+            if run is None:
+                if not writer.below_high_water_mark():
+                    await writer.wait_below_high_water_mark()
+                await self._process(frame, ahead)
+                continue
+            generation = self.keys.generation
+            for native, native_ahead, verdict in run:
+                if not writer.below_high_water_mark():
+                    await writer.wait_below_high_water_mark()
+                # a key dropped meanwhile (a failed signature re-fetches it): check again
+                await self._process(native, native_ahead, verdict if self.keys.generation == generation else None)
+
+    def _signature_run(self, queue: _ReadAheadQueue, first: _Native, ahead: _Ahead | None,
+                       ) -> list[tuple[_Native, _Ahead | None, tuple[PublicKey, bool]]] | None:
+        """Check the signatures of *first* and the native commits queued right behind it whose
+        keys are at hand (up to ``_SIGNATURE_RUN``), back to back; None when *first*'s key is not
+        at hand yet (processed the usual way, awaiting it). One after the other, libsecp256k1's
+        precomputed tables (~1 MB) stay in the CPU cache: ~40 µs a signature instead of ~53
+        when Python work runs between two (measured in the ingester on this machine). Checking
+        early changes nothing else: the frames are then processed in order, a run holds commits
+        only (no #identity inside), and a verdict is dropped (checked again) when any key was
+        invalidated after the run was checked."""
+        key = self._key_at_hand(first.commit.repo, ahead)
+        if key is None:
+            return None
+        keys = [(first, ahead, key)]
+        while len(keys) < _SIGNATURE_RUN:
+            item = queue.peek()
+            if item is None:
+                break
+            nxt, nxt_ahead = item
+            if not isinstance(nxt, _Native):
+                break
+            nxt_key = self._key_at_hand(nxt.commit.repo, nxt_ahead)
+            if nxt_key is None:
+                break
+            queue.pop_front()
+            keys.append((nxt, nxt_ahead, nxt_key))
+        return [(frame, frame_ahead, (k, k.verify(frame.commit.unsigned or b"", frame.commit.sig or b"")))
+                for frame, frame_ahead, k in keys]
+
+    def _key_at_hand(self, did: str, ahead: _Ahead | None) -> PublicKey | None:
+        """The signing key when it is known without waiting (fetched ahead, or cached)."""
+        task = ahead.key if ahead is not None else None
+        if task is None:
+            return self.keys.cached_key(did)
+        if task.done() and not task.cancelled():
+            return task.result()
+        return None
 
     async def _prepare(self, frame: Frame) -> _Ahead | None:
         """Start what *frame* will need: its author's key (waiting for a free fetch slot) and,
@@ -390,13 +472,14 @@ class FirehoseIngester:
                                             "error": str(e)[:300]})
             return None
 
-    async def _process(self, frame: Queued, ahead: _Ahead | None) -> None:
+    async def _process(self, frame: Queued, ahead: _Ahead | None,
+                       verdict: tuple[PublicKey, bool] | None = None) -> None:
         if isinstance(frame, _Native):
             checked = frame.commit
             if self._stale(checked.seq):
                 return
             self._frames["commit"].inc()
-            await self._native_commit(checked, frame.data, ahead)
+            await self._native_commit(checked, frame.data, ahead, verdict)
             self._advance(checked.seq, checked.time)
         elif isinstance(frame, CommitEvent):
             if self._stale(frame.seq):
@@ -487,25 +570,35 @@ class FirehoseIngester:
         await self._emit(ev.repo, ev.rev, ev.seq, reasons, result.errors,
                          cid_str(data) if data is not None else "", events)
 
-    async def _native_commit(self, checked: CheckedCommit, data: bytes, ahead: _Ahead | None) -> None:
+    async def _native_commit(self, checked: CheckedCommit, data: bytes, ahead: _Ahead | None,
+                             verdict: tuple[PublicKey, bool] | None = None) -> None:
         """A commit the native path decoded and checked (blocks, commit, proof when verifying):
-        here the signature and the repo chain; anything but a good signature goes to the
-        Python path, which refreshes a rotated key and reports exactly."""
+        here the signature (unless *verdict* holds its key and outcome) and the repo chain;
+        anything but a good signature goes to the Python path, which refreshes a rotated key
+        and reports exactly."""
         if self.verify == "off":
             await self._emit(checked.repo, checked.rev, checked.seq, [], [], "", checked.events)
             return
-        key = self.keys.cached_key(checked.repo) if ahead is None or ahead.key is None else None
-        if key is None:
-            key = await self._key(checked.repo, ahead)
         assert checked.unsigned is not None and checked.sig is not None and checked.data is not None
-        if key is None or not key.verify(checked.unsigned, checked.sig):
+        if verdict is not None:
+            good = verdict[1]
+        else:
+            key = self._key_at_hand(checked.repo, ahead)
+            if key is None:
+                key = await self._key(checked.repo, ahead)
+            good = key is not None and key.verify(checked.unsigned, checked.sig)
+        if not good:
             frame = decode_frame(data)  # the same frame: a CommitEvent by check_commit_frame's contract
             assert isinstance(frame, CommitEvent)
             await self._commit(frame, ahead)
             return
         root = str(encode_cid(checked.data))
         prev = str(encode_cid(checked.prev_data)) if checked.prev_data is not None else None
-        reasons = await self._chain(checked.repo, checked.rev, root, prev, ahead)
+        hit, state = self.states.peek(checked.repo) if ahead is None or ahead.state is None else (False, None)
+        if hit:
+            reasons = _chain_reasons(state, checked.rev, root, prev)
+        else:
+            reasons = await self._chain(checked.repo, checked.rev, root, prev, ahead)
         await self._emit(checked.repo, checked.rev, checked.seq, reasons, [], root, checked.events)
 
     async def _emit(self, repo: str, rev: str, seq: int, reasons: list[str], errors: list[str],
@@ -529,7 +622,7 @@ class FirehoseIngester:
                 await self._resync(repo, rev, "incomplete")
         if self.verify != "off":
             value = self.states.put(repo, RepoState(rev, root))
-            self.writer.set_cursor_after(state_key(self.config.firehose_stream, repo), value)
+            self.writer.set_cursor_after(self._state_prefix + repo, value)
         if not self._keep_all:
             kept = [e for e in events if self.filter(e[0])]
             if len(kept) != len(events):
@@ -568,15 +661,7 @@ class FirehoseIngester:
         hit, state = self.states.peek(repo)
         if not hit:
             state = await self.states.get(repo)
-        if state is None:
-            return []
-        if rev == state.rev and root is not None and root == state.data:
-            return []  # the same commit again (replayed after a stop mid-commit): at least once
-        if rev <= state.rev:
-            return ["rev-not-newer"]
-        if prev_data is not None and state.data and prev_data != state.data:
-            return ["prev-data-mismatch"]
-        return []
+        return _chain_reasons(state, rev, root, prev_data)
 
     async def _key(self, did: str, ahead: _Ahead | None) -> PublicKey | None:
         """The signing key: fetched ahead by the reader, or now."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -26,8 +26,9 @@ __all__ = ["KeyCache", "RepoState", "RepoStateStore", "state_key"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True, frozen=True)
-class RepoState:
+class RepoState(NamedTuple):
+    """A repo's last seen rev and MST root (a tuple: made once per commit on the hot path)."""
+
     rev: str
     data: str  # MST root CID string ("" when unknown)
 
@@ -120,6 +121,9 @@ class KeyCache:
         self.resolver = resolver
         self.max_entries = max_entries
         self._parsed: OrderedDict[str, PublicKey] = OrderedDict()
+        #: moves on every invalidation: a signature checked with a key taken before a move
+        #: is checked again (see FirehoseIngester._signature_run)
+        self.generation = 0
 
     def parse(self, did_key: str) -> PublicKey:
         key = self._parsed.get(did_key)
@@ -163,4 +167,5 @@ class KeyCache:
 
     def invalidate(self, did: str, *, fetched_before: int | None = None) -> None:
         """Drop *did*'s document (only if fetched before the *fetched_before* checkpoint)."""
+        self.generation += 1
         self.resolver.invalidate(did, fetched_before=fetched_before)
