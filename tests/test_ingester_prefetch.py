@@ -9,6 +9,7 @@ measures time: overlap is asserted on counts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
@@ -278,3 +279,70 @@ async def test_read_ahead_queue_is_bounded_by_count_and_bytes() -> None:
     full = _ReadAheadQueue(max_frames=1, max_bytes=10**9)
     full.put(frames[0], 1, None)
     await asyncio.wait_for(full.wait_for_room(ended), 5)  # a finished processor releases the reader
+
+
+# --- signatures checked back to back -------------------------------------------------------
+
+
+async def test_a_signature_run_rechecks_after_a_key_is_dropped(
+        make_devnet: MakeDevnet, redis_url: str, redis_prefix: str, redis: aioredis.Redis) -> None:
+    """The processor checks the signatures of queued commits back to back, before processing
+    them. The signing key rotates without an #identity: commit 1 (new key) fails against the
+    cached key, so the Python path drops and re-fetches the key; commit 2 is signed with the
+    rotated-out key and was checked with it in the same run. Its early verdict must not stand:
+    it is checked again with the fresh key and fails."""
+    import aiohttp
+    from prometheus_client import CollectorRegistry
+
+    from psky.atproto.firehose import check_commit_frame
+    from psky.ingester.firehose import FirehoseIngester, _Native
+    from psky.ingester.metrics import IngesterMetrics
+    from psky.ingester.verify import KeyCache
+
+    async with make_devnet(n_pds=1, seed=7) as net:
+        assert net.relay is not None
+        pds = net.pdses[0]
+        acct = await pds.create_account("runner")
+        await pds.apply_writes(acct.did, [("create", "app.bsky.feed.post", "a0", post("before"))])
+        head = await net.settle()
+        old_key = acct.signing_key
+        new_key = PrivateKey.generate("k256")
+        async with PlcClient(net.plc.url) as plc:
+            await plc.update(acct.did, acct.rotation_key, signing_key=new_key)
+        assert acct.repo is not None
+        acct.repo.key = new_key
+        await pds.apply_writes(acct.did, [("create", "app.bsky.feed.post", "a1", post("new key"))])
+        acct.repo.key = old_key  # a commit signed with the key the PLC no longer lists
+        await pds.apply_writes(acct.did, [("create", "app.bsky.feed.post", "a2", post("old key"))])
+        await net.settle()
+        url = net.relay.url.replace("http", "ws", 1) + f"/xrpc/com.atproto.sync.subscribeRepos?cursor={head}"
+        frames: list[bytes] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, compress=0) as ws:
+                while len(frames) < net.relay.seq - head:
+                    frames.append((await ws.receive()).data)
+            config = make_config(redis_url, redis_prefix, net, INGESTER_VERIFY="lenient")
+            resolver = IdentityResolver(net.plc.url, session=session)
+            keys = KeyCache(resolver)
+            registry = CollectorRegistry()
+            ingester = FirehoseIngester(config, net.relay.url, redis, session, keys, IngesterMetrics(registry))
+            ingester.writer.start()
+            stale = await resolver.resolve(acct.did)  # fetched now: already the new key...
+            assert stale.signing_key == new_key.public_key().did_key()
+            # ...so plant the old document, as a cache filled before the rotation would hold it
+            resolver._cache[acct.did] = (resolver._cache[acct.did][0],
+                                         dataclasses.replace(stale, signing_key=old_key.public_key().did_key()),
+                                         resolver._cache[acct.did][2])
+            queue = _ReadAheadQueue(100, 10**9)
+            for data in frames:
+                checked = check_commit_frame(data, verify=True)
+                assert checked is not None
+                queue.put(_Native(checked, data), len(data), None)
+            queue.close()
+            await ingester._process_queue(queue)
+            await ingester.close()
+            failures = {s.labels["reason"]: s.value for m in registry.collect() for s in m.samples
+                        if s.name == "ingester_verification_failures_total"}
+        assert failures == {"bad-signature": 1}  # commit 2 only; commit 1 passed after the re-fetch
+        rkeys = [e["event"]["rkey"] for e in await stream_entries(redis, config.firehose_stream)]
+        assert rkeys == ["a1", "a2"]  # lenient: both passed on, the failure counted
