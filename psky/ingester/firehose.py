@@ -330,7 +330,15 @@ class FirehoseIngester:
                 if not writer.below_high_water_mark():
                     await writer.wait_below_high_water_mark()
                 # a key dropped meanwhile (a failed signature re-fetches it): check again
-                await self._process(native, native_ahead, verdict if self.keys.generation == generation else None)
+                current = self.keys.generation == generation
+                if current and verdict[1] and native_ahead is None:
+                    entries = self._good_native_commit(native.commit)
+                    if entries is not None:  # the usual commit: no await but the stream write
+                        if entries:
+                            await writer.add_many(entries)
+                        self._advance(native.commit.seq, native.commit.time)  # after its events
+                        continue
+                await self._process(native, native_ahead, verdict if current else None)
 
     def _signature_run(self, queue: _ReadAheadQueue, first: _Native, ahead: _Ahead | None,
                        ) -> list[tuple[_Native, _Ahead | None, tuple[PublicKey, bool]]] | None:
@@ -360,6 +368,39 @@ class FirehoseIngester:
             keys.append((nxt, nxt_ahead, nxt_key))
         return [(frame, frame_ahead, (k, k.verify(frame.commit.unsigned or b"", frame.commit.sig or b"")))
                 for frame, frame_ahead, k in keys]
+
+    def _good_native_commit(self, checked: CheckedCommit) -> list[dict[str, bytes]] | None:
+        """A verified native commit whose signature is good and whose repo state is in memory,
+        when nothing fails (the usual case): its repo state moved, its stream entries returned
+        for the caller to add before it moves the cursor. None, before any effect, for
+        anything else (the caller then runs the general path)."""
+        assert checked.data is not None
+        hit, state = self.states.peek(checked.repo)
+        if not hit:
+            return None
+        seq = checked.seq
+        last = self.last_seq
+        if last is not None and seq <= last:
+            return None  # replayed: the general path counts and skips it
+        root = str(encode_cid(checked.data))
+        if state is not None:
+            prev = str(encode_cid(checked.prev_data)) if checked.prev_data is not None else None
+            if _chain_reasons(state, checked.rev, root, prev):
+                return None
+        self._frames["commit"].inc()
+        repo = checked.repo
+        self.writer.set_cursor_after(self._state_prefix + repo, self.states.put(repo, RepoState(checked.rev, root)))
+        keep = None if self._keep_all else self.filter
+        counters = self._events
+        entries = []
+        events = checked.events
+        for collection, kind, event in events:
+            if keep is None or keep(collection):
+                entries.append({"event": event})
+                counters[kind].inc()
+        if len(entries) != len(events):
+            self._filtered.inc(len(events) - len(entries))
+        return entries
 
     def _key_at_hand(self, did: str, ahead: _Ahead | None) -> PublicKey | None:
         """The signing key when it is known without waiting (fetched ahead, or cached)."""
@@ -623,19 +664,17 @@ class FirehoseIngester:
         if self.verify != "off":
             value = self.states.put(repo, RepoState(rev, root))
             self.writer.set_cursor_after(self._state_prefix + repo, value)
-        if not self._keep_all:
-            kept = [e for e in events if self.filter(e[0])]
-            if len(kept) != len(events):
-                self._filtered.inc(len(events) - len(kept))
-                events = kept
-        if not events:
-            return
-        counts: dict[str, int] = {}
-        for _, kind, _ in events:
-            counts[kind] = counts.get(kind, 0) + 1
-        await self.writer.add_many([{"event": event} for _, _, event in events])
-        for kind, n in counts.items():
-            self._events[kind].inc(n)
+        keep = None if self._keep_all else self.filter
+        counters = self._events
+        entries = []
+        for collection, kind, event in events:  # one pass: filter, entries, counts
+            if keep is None or keep(collection):
+                entries.append({"event": event})
+                counters[kind].inc()
+        if len(entries) != len(events):
+            self._filtered.inc(len(events) - len(entries))
+        if entries:
+            await self.writer.add_many(entries)
 
     async def _verified(self, ev: CommitEvent, ahead: _Ahead | None) -> tuple[CommitResult, list[str]]:
         key = await self._key(ev.repo, ahead)
