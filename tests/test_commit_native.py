@@ -14,6 +14,7 @@ never crash on mutated frames.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import random
@@ -127,7 +128,8 @@ def python_verdict(frame: bytes, verify: bool) -> tuple[CommitEvent | None, Comm
         return ev, res, "tooBig"
     if res.reasons:
         return ev, res, f"reasons {res.reasons}: {res.errors}"
-    if verify and res.proof is not True:
+    # without prevData there is nothing to invert: the ops are checked against the signed tree
+    if verify and res.proof is not True and not (res.proof is None and ev.prev_data is None):
         return ev, res, f"proof {res.proof}"
     return ev, res, "ok"
 
@@ -501,11 +503,26 @@ def test_realistic_commits_are_taken(name: str) -> None:
 
 
 def test_initial_commit_without_prev_data() -> None:
-    """A repo's first commit has no prevData: no proof, so verify=True must decline."""
+    """A repo's first commit has no prevData: nothing to invert, each op is checked against
+    the signed tree instead (as the Python path does); both paths take it."""
     w = RepoWriter(DID, KEY, {"app.bsky.actor.profile/self": _profile("x")}, rev=_tid(0))
     frame = encode_event(commit_event(w.initial, seq=1, time=TIME))
+    assert_takes(frame)
+
+
+def test_commits_without_prev_data_are_checked_against_the_tree() -> None:
+    """prevData left out (an older relay): the ops must match the signed tree; an op the tree
+    contradicts is declined in verify mode (the Python path reports op-mismatch)."""
+    w = RepoWriter(DID, KEY, {"app.bsky.actor.profile/self": _profile("x")}, rev=_tid(0))
+    res = w.apply_writes([("create", "app.bsky.feed.like", _tid(5), _like(1)),
+                          ("delete", "app.bsky.actor.profile", "self", None)])
+    ev = dataclasses.replace(commit_event(res, seq=2, time=TIME), prev_data=None)
+    assert_takes(encode_event(ev))
+    wrong = dataclasses.replace(ev, ops=(ev.ops[0], ev.ops[1]._replace(action="update", cid=ev.ops[0].cid)))
+    frame = encode_event(wrong)
+    assert python_verdict(frame, True)[2] != "ok"
     assert fast(frame, True) is None
-    assert assert_agrees(frame, False)
+    assert_agrees(frame, False)
 
 
 def test_empty_commit_agrees() -> None:
@@ -1274,8 +1291,9 @@ NONE_CASES: list[tuple[str, Callable[[], bytes], str]] = [
     ("blocks-over-2MB", _big_blocks, NONE),
     # proof and ops
     ("prevData-mismatch", lambda: _like_parts().frame(prevData=_filler_cid(1)), MAY_OFF),
-    ("prevData-absent", lambda: _like_parts().frame(prevData=_DELETE), MAY_OFF),
-    ("prevData-null", lambda: _like_parts().frame(prevData=None), MAY_OFF),
+    # no prevData: ops checked against the signed tree, as in the Python path
+    ("prevData-absent", lambda: _like_parts().frame(prevData=_DELETE), MAY),
+    ("prevData-null", lambda: _like_parts().frame(prevData=None), MAY),
     ("update-without-prev", lambda: _ops_edit(_update_parts(), 0, prev=_DELETE), MAY_OFF),
     ("delete-without-prev", lambda: _ops_edit(_delete_parts(), 0, prev=_DELETE), MAY_OFF),
     ("update-wrong-prev", lambda: _ops_edit(_update_parts(), 0, prev=_filler_cid(999)), MAY_OFF),

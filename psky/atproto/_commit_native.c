@@ -7,7 +7,8 @@
  * each event's JSON directly.  It handles only the usual, fully valid commit: canonical
  * DAG-CBOR throughout, 36-byte sha-256 CIDs, known fields, valid ops whose records are all
  * present and, when verifying, every block matching its CID, the commit block well formed
- * and the sync 1.1 proof (operation inversion, _mst_native.c) giving prevData.  On anything
+ * and the sync 1.1 proof (operation inversion, _mst_native.c) giving prevData, or without
+ * prevData every op agreeing with the signed tree (as the Python path checks).  On anything
  * else it returns None and the Python path decides and reports, so the events are the same
  * whichever path ran; tests/test_commit_native.py holds the two to that.
  *
@@ -641,6 +642,8 @@ static void read_commit_block(Fast *f, FCommit *fc) {
 }
 
 static void check_ops(Fast *f, FCommit *fc, int verify) {
+    /* with prevData, an op without prev (legacy) rules out the inversion: Python decides */
+    int legacy_bails = verify && fc->prev_data != NULL;
     for (uint32_t i = 0; i < fc->nops; i++) {
         FOp *op = &fc->ops[i];
         const uint8_t *slash = memchr(op->path.p, '/', op->path.n);
@@ -656,18 +659,19 @@ static void check_ops(Fast *f, FCommit *fc, int verify) {
                 if (op->cid == NULL || op->prev != NULL) bail(&f->c);
                 break;
             case A_UPDATE:
-                if (op->cid == NULL || (verify && op->prev == NULL)) bail(&f->c); /* legacy: no inversion */
+                if (op->cid == NULL || (legacy_bails && op->prev == NULL)) bail(&f->c); /* legacy: no inversion */
                 break;
             default:
-                if (op->cid != NULL || (verify && op->prev == NULL)) bail(&f->c);
+                if (op->cid != NULL || (legacy_bails && op->prev == NULL)) bail(&f->c);
         }
     }
 }
 
-/* undo the ops on the tree slice; the root must be prevData */
+/* with prevData: undo the ops on the tree slice, the root must be prevData; without (a repo's
+ * first commit, or a relay that omits it): each op must agree with the signed tree, as the
+ * Python path checks then (its tree loads lazily: no op, no node read) */
 static void check_proof(Fast *f, FCommit *fc) {
     Ctx *c = &f->c;
-    if (fc->prev_data == NULL) bail(c); /* no inversion possible: the Python path checks what it can */
     const uint8_t *out;
     if (fc->nops == 0) {
         out = fc->data;
@@ -692,6 +696,7 @@ static void check_proof(Fast *f, FCommit *fc) {
                 bail(c);
             }
         }
+        if (fc->prev_data == NULL) return;
         for (uint32_t i = 0; i < fc->nops; i++) {
             if (nop[i].action == A_CREATE)
                 tree_remove(c, &nop[i].key);
@@ -700,7 +705,7 @@ static void check_proof(Fast *f, FCommit *fc) {
         }
         out = c->root ? node_cid(c, c->root) : EMPTY_ROOT;
     }
-    if (memcmp(out, fc->prev_data, CID_LEN) != 0) bail(c);
+    if (fc->prev_data != NULL && memcmp(out, fc->prev_data, CID_LEN) != 0) bail(c);
 }
 
 /* every op's event, as psky.atproto.firehose.to_stream_events + orjson.dumps write it */

@@ -905,9 +905,10 @@ def check_commit_frame(data: bytes, *, verify: bool) -> CheckedCommit | None:
     extension is not built or ``PSKY_NATIVE=0``), which the Python path then decides.
 
     Returned means: :func:`decode_frame` gives a :class:`CommitEvent` (not ``tooBig``) that
-    :func:`process_commit` (``verify``: block hashes, commit block, sync 1.1 proof, with the
-    signature left to the caller) or the unverified path passes with no failed check, and
-    whose stream events are byte for byte ``events``. ``tests/test_commit_native.py`` holds
+    :func:`process_commit` (``verify``: block hashes, commit block, the sync 1.1 proof, or
+    without ``prevData`` each op against the signed tree; the signature is left to the
+    caller) or the unverified path passes with no failed check, and whose stream events are
+    byte for byte ``events``. ``tests/test_commit_native.py`` holds
     the two paths to that."""
     if not NATIVE_COMMITS:
         return None
