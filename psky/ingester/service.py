@@ -13,6 +13,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from psky._aio import cancel_and_wait, wait_bounded
+from psky.atproto.firehose import NATIVE_COMMITS
 from psky.identity import IdentityResolver
 from psky.ingester.config import IngesterConfig
 from psky.ingester.firehose import FirehoseIngester
@@ -68,6 +69,8 @@ async def run_ingester(
         tasks += [LabelIngester(config, h, redis, session, keys, metrics) for h in config.labeler_hosts]
     if not tasks:
         log.warning("nothing to ingest: no hosts configured for mode %s", config.mode)
+    log.info("native fast path: %s", "on" if NATIVE_COMMITS else "off",
+             extra={"verify": config.verify, "native": NATIVE_COMMITS})
     running = [asyncio.create_task(t.run(), name=f"ingester:{type(t).__name__}") for t in tasks]
 
     async def health() -> dict[str, Any]:
