@@ -8,6 +8,9 @@ printed are frames/s and events/s into Redis, CPU of this process and its peak R
 many DID documents the devnet PLC served and how many of those requests overlapped at most.
 ``--plc-latency-ms`` delays every DID document (after seeding) like a distant directory: each
 mode starts with a cold key cache, so this shows how well resolutions overlap processing.
+``--live-events N --from-live`` measures live-like traffic instead: after seeding, the devnet
+applies N live events (single creates, likes by popularity, deletes: mostly one-op commits, as
+on the network) and each mode reads only those, with cold caches.
 A mode with ``-warm`` (``lenient-warm``) starts with every author's DID document cached, as
 on a live firehose where nearly every commit comes from an account seen before. ``raw`` only
 reads the frames (the relay's ceiling on this machine). Each mode also prints its steady
@@ -24,6 +27,7 @@ Redis: ``REDIS_URL`` if set, else an embedded server in a temporary directory.
 
 Usage: python benchmarks/bench_ingester.py [--accounts 500] [--records 40] [--pds 2]
        [--modes raw,off,lenient,lenient-warm] [--profile] [--plc-latency-ms 50]
+       [--live-events 50000 --from-live]
        [--backpressure-seconds N [--live-rate 200] [--high-water-mark 5000] [--sample-seconds 5]]
 """
 
@@ -52,15 +56,18 @@ from psky.streams import connect, cursor_key
 
 
 def _devnet_main(conn: Connection, n_pds: int, accounts: int, records: int, live_rate: float,
-                 plc_latency_ms: float = 0.0) -> None:
+                 plc_latency_ms: float = 0.0, live_events: int = 0) -> None:
     async def main() -> None:
         async with Devnet(n_pds=n_pds, seed=13, labeler=False) as net:
             started = time.perf_counter()
             workload = net.workload()
             await workload.seed(accounts=accounts, records_per_account=records, labels=0)
+            seeded = await net.settle(timeout_s=600)
+            if live_events:  # then live traffic: mostly one-op commits, as on the network
+                await workload.live(rate=None, events=live_events)
             seq = await net.settle(timeout_s=600)
             assert net.relay is not None
-            conn.send((net.relay.url, net.plc.url, seq, time.perf_counter() - started))
+            conn.send((net.relay.url, net.plc.url, seeded, seq, time.perf_counter() - started))
             net.plc.document_delay_ms = plc_latency_ms  # seeding ran at full speed
             live = asyncio.create_task(workload.live(rate=live_rate, duration=1e9)) if live_rate > 0 else None
             loop = asyncio.get_running_loop()
@@ -98,17 +105,17 @@ async def _redis_url() -> AsyncIterator[str]:
             yield services.redis_url()
 
 
-async def _raw(relay: str, seq: int) -> None:
+async def _raw(relay: str, start: int, seq: int) -> None:
     """Only read the relay's frames (no decoding, no Redis): what the relay serves on this
     machine, the ceiling of every other figure."""
     import aiohttp
 
-    url = f"{relay.replace('http', 'ws', 1)}/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
+    url = f"{relay.replace('http', 'ws', 1)}/xrpc/com.atproto.sync.subscribeRepos?cursor={start}"
     frames = 0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     async with aiohttp.ClientSession() as session, session.ws_connect(url, compress=0, max_msg_size=0) as ws:
-        while frames < seq:
+        while frames < seq - start:
             msg = await ws.receive()
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
@@ -120,9 +127,10 @@ async def _raw(relay: str, seq: int) -> None:
           f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core)")
 
 
-async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: bool, conn: Connection) -> None:
+async def _one(url: str, relay: str, plc: str, start: int, seq: int, mode: str, profile: bool,
+               conn: Connection) -> None:
     if mode == "raw":
-        await _raw(relay, seq)
+        await _raw(relay, start, seq)
         return
     resolver = None
     if mode.endswith("-warm"):  # every author's DID document cached beforehand, as on a live firehose
@@ -132,7 +140,7 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
     config = IngesterConfig.from_env({
         "REDIS_URL": url, "INGESTER_MODE": "firehose", "INGESTER_RELAY_HOSTS": relay, "PLC_URL": plc,
         "INGESTER_FIREHOSE_STREAM": prefix + "firehose_live", "INGESTER_REPO_STREAM": prefix + "repo_backfill",
-        "INGESTER_VERIFY": mode, "INGESTER_FIREHOSE_START_CURSOR": "0", "INGESTER_METRICS_PORT": "-1",
+        "INGESTER_VERIFY": mode, "INGESTER_FIREHOSE_START_CURSOR": str(start), "INGESTER_METRICS_PORT": "-1",
         "INGESTER_HIGH_WATER_MARK": "0", "INGESTER_BATCH_SIZE": os.environ.get("INGESTER_BATCH_SIZE", "500"),
     })
     redis = connect(url)
@@ -158,7 +166,7 @@ async def _one(url: str, relay: str, plc: str, seq: int, mode: str, profile: boo
             if (value is not None and int(value) >= seq) or task.done():
                 break
             read = registry.get_sample_value("firehose_ingester_incoming_events_total", incoming) or 0.0
-            if len(marks) < 2 and read >= seq * (0.1 if not marks else 0.9):
+            if len(marks) < 2 and read >= (seq - start) * (0.1 if not marks else 0.9):
                 usage = resource.getrusage(resource.RUSAGE_SELF)
                 marks.append((time.perf_counter(), read, usage.ru_utime + usage.ru_stime))
             await asyncio.sleep(0.02)
@@ -282,19 +290,24 @@ async def bench(args: argparse.Namespace) -> None:
     parent, child = multiprocessing.Pipe()
     live_rate = args.live_rate if args.backpressure_seconds else 0.0
     proc = multiprocessing.get_context("spawn").Process(
-        target=_devnet_main, args=(child, args.pds, args.accounts, args.records, live_rate, args.plc_latency_ms),
+        target=_devnet_main,
+        args=(child, args.pds, args.accounts, args.records, live_rate, args.plc_latency_ms, args.live_events),
         daemon=True,
     )
     proc.start()
     try:
-        relay, plc, seq, seed_s = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
-        print(f"seeded {seq} relay frames in {seed_s:.1f}s (devnet in a child process)")
+        relay, plc, seeded, seq, seed_s = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+        print(f"seeded {seeded} relay frames, {seq - seeded} live ones after them, in {seed_s:.1f}s "
+              f"(devnet in a child process)")
+        start = seeded if args.from_live else 0
+        if start:
+            print(f"each mode reads the live frames only (cursor {start}); its caches start cold")
         async with _redis_url() as url:
             if args.backpressure_seconds:
                 await _backpressure(url, relay, plc, parent, args)
                 return
             for mode in args.modes.split(","):
-                await _one(url, relay, plc, seq, mode.strip(), args.profile, parent)
+                await _one(url, relay, plc, start, seq, mode.strip(), args.profile, parent)
     finally:
         parent.send("stop")
         proc.join(10)
@@ -311,6 +324,10 @@ def main() -> None:
                    help="hold firehose_live at its high-water mark this long and sample RSS")
     p.add_argument("--live-rate", type=float, default=200.0, help="live events/s the devnet produces meanwhile")
     p.add_argument("--high-water-mark", type=int, default=5000)
+    p.add_argument("--live-events", type=int, default=0,
+                   help="live events the devnet applies after seeding (as fast as it can)")
+    p.add_argument("--from-live", action="store_true",
+                   help="read only the live frames (from the cursor where seeding ended)")
     p.add_argument("--sample-seconds", type=float, default=5.0)
     p.add_argument("--plc-latency-ms", type=float, default=0.0,
                    help="delay every DID document the devnet PLC serves (a distant directory, cold cache)")

@@ -314,12 +314,13 @@ class FirehoseIngester:
 
     async def _process_queue(self, queue: _ReadAheadQueue) -> None:
         writer = self.writer
+        verifying = self.verify != "off"  # (the read-ahead runs only when verifying)
         while True:
             item = await queue.get()
             if item is None:
                 return
             frame, ahead = item
-            run = self._signature_run(queue, frame, ahead) if isinstance(frame, _Native) else None
+            run = self._signature_run(queue, frame, ahead) if isinstance(frame, _Native) and verifying else None
             if run is None:
                 if not writer.below_high_water_mark():
                     await writer.wait_below_high_water_mark()
