@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -531,13 +532,13 @@ async def test_cursor_not_written_when_an_event_fails(client: aioredis.Redis, re
 
 
 async def test_single_field_batches_keep_the_cursor_behind_a_failure(client: aioredis.Redis, redis_prefix: str) -> None:
-    """The leaner script (every entry to the writer's stream, one field of the same name) has
-    the same guarantee: a failing XADD stops it before the cursor SET."""
+    """The leaner script (every entry with one field) has the same guarantee: a failing XADD
+    stops it before the cursor SET."""
     stream, key = f"{redis_prefix}s", f"{redis_prefix}s:cursor:h"
     await client.set(stream, "string value")
     writer = StreamWriter(client, stream, batch_size=10, high_water_mark=None)
     await writer.add_many([{"event": b"1"}, {"event": "2"}, {"event": 3}])
-    assert writer._script_arguments(writer._buffer, {})[0] is producer._SINGLE_FIELD_SCRIPT
+    assert writer._script_arguments(writer._buffer, {})[0] is producer._RUNS_SCRIPT
     writer.set_cursor_after(key, "9")
     with pytest.raises(Exception, match="WRONGTYPE"):
         await writer.flush()
@@ -549,27 +550,62 @@ async def test_single_field_batches_keep_the_cursor_behind_a_failure(client: aio
 
 
 @pytest.mark.parametrize(
-    "entries",
+    ("entries", "runs"),
     [
-        [({"event": b"1"}, None), ({"other": b"2"}, None)],  # two field names
-        [({"event": b"1", "extra": b"x"}, None)],  # two fields
-        [({"event": b"1"}, None), ({"event": b"2"}, "elsewhere")],  # another stream
+        ([({"event": b"1"}, None), ({"other": b"2"}, None)], True),  # two field names: two runs
+        ([({"event": b"1", "extra": b"x"}, None), ({"event": b"2"}, None)], False),  # two fields
+        ([({"event": b"1"}, None), ({"event": b"2"}, "elsewhere"), ({"event": b"3"}, None),
+          ({"request": b"4"}, "elsewhere"), ({"event": b"5"}, None)], True),  # streams interleaved
+        ([({"event": b"1"}, "elsewhere"), ({"event": b"2"}, None)], True),  # another stream first
     ],
 )
-async def test_mixed_batches_take_the_general_script(
-    client: aioredis.Redis, redis_prefix: str, entries: list[tuple[dict[str, bytes], str | None]]
+async def test_batches_take_the_script_their_entries_allow(
+    client: aioredis.Redis, redis_prefix: str, entries: list[tuple[dict[str, bytes], str | None]], runs: bool
 ) -> None:
-    stream = f"{redis_prefix}s"
+    """Single-field entries (any streams and names) take the runs script, others the general
+    one; either writes every entry, in order within each stream, and then the cursor."""
+    stream, key = f"{redis_prefix}s", f"{redis_prefix}s:cursor:h"
     writer = StreamWriter(client, stream, batch_size=10, high_water_mark=None)
     for fields, other in entries:
         await writer.add(fields, stream=f"{redis_prefix}{other}" if other else None)
-    assert writer._script_arguments(writer._buffer, {})[0] is producer._WRITE_SCRIPT
+    writer.set_cursor_after(key, "5")
+    script = writer._script_arguments(writer._buffer, writer._cursors)[0]
+    assert script is (producer._RUNS_SCRIPT if runs else producer._WRITE_SCRIPT)
     await writer.flush()
     expected: dict[str, list[dict[str, bytes]]] = {}
     for fields, other in entries:
         expected.setdefault(f"{redis_prefix}{other}" if other else stream, []).append(fields)
     for target, want in expected.items():
         assert [{k.decode(): v for k, v in f.items()} for _, f in await client.xrange(target)] == want
+    assert await client.get(key) == b"5" and writer.stats.written == len(entries)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["", "a", "b"]), st.sampled_from(["event", "label"]),
+                          st.binary(max_size=8)), max_size=30))
+def test_runs_keep_every_stream_in_order(redis_url: str, entries: list[tuple[str, str, bytes]]) -> None:
+    """Any mix of single-field entries over several streams: each stream gets its entries in
+    order (the runs script groups consecutive ones)."""
+
+    async def check() -> None:
+        client = connect(redis_url)
+        prefix = f"psky-test:runs:{os.getpid()}:{time.monotonic_ns()}:"
+        try:
+            writer = StreamWriter(client, prefix + "main", batch_size=1000, high_water_mark=None)
+            for other, field, value in entries:
+                await writer.add({field: value}, stream=prefix + other if other else None)
+            await writer.flush()
+            for name in ("", "a", "b"):
+                want = [{field.encode(): value} for other, field, value in entries if other == name]
+                got = [f for _, f in await client.xrange(prefix + (name or "main"))]
+                assert got == want
+        finally:
+            keys = [k async for k in client.scan_iter(match=prefix + "*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(check())
 
 
 async def test_writer_timer_flushes(client: aioredis.Redis, redis_prefix: str) -> None:

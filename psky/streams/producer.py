@@ -2,7 +2,7 @@
 
 :class:`StreamWriter` buffers entries and writes each batch with one Lua script call
 (``XADD`` × n, then the cursor ``SET`` s that the batch covers, then ``XLEN``; a leaner
-script for the usual batch of single-field entries). The script stops at the first failing
+script when every entry has one field, as psky's do). The script stops at the first failing
 command, so a cursor is never stored unless every event it covers
 is, and one call per batch costs the client far less than a pipeline of n commands (about
 2.5× the throughput). The ``XLEN`` at the end of each batch feeds the high-water mark: while
@@ -69,21 +69,28 @@ for c = 0, ncursors - 1 do
 end
 return {added, redis.call('XLEN', KEYS[1])}
 """)
-# The usual batch (every entry to the writer's own stream, one field of the same name: the
-# firehose's {"event": json}) takes a leaner script: one argument per value, no unpacking in
-# Lua. Redis spends about half the time per entry (2.4 µs instead of 4.3 on this machine) and
-# redis-py packs an argument for ~0.9 µs. ARGV: ncursors, (key index, value) per cursor,
-# field name, values.
-_SINGLE_FIELD_SCRIPT = LuaScript("""
+# The usual batch has one field per entry (``{"event": json}``, a resync request on
+# ``repo_backfill`` now and then): it takes a leaner script, one argument per value and no
+# unpacking in Lua. Redis spends about half the time per entry (2.4 µs instead of 4.3 on this
+# machine) and psky packs an argument for ~0.3 µs (streams._redis.pack_command). Consecutive
+# entries for the same stream and field form a run. ARGV: ncursors, (key index, value) per
+# cursor, then per run: key index, field name, count, the values.
+_RUNS_SCRIPT = LuaScript("""
 local ncursors = tonumber(ARGV[1])
-local first, field, key = 3 + 2 * ncursors, ARGV[2 + 2 * ncursors], KEYS[1]
-for i = first, #ARGV do
-  redis.call('XADD', key, '*', field, ARGV[i])
+local i, n, added = 2 + 2 * ncursors, #ARGV, 0
+while i <= n do
+  local key, field, count = KEYS[tonumber(ARGV[i])], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local last = i + 2 + count
+  for j = i + 3, last do
+    redis.call('XADD', key, '*', field, ARGV[j])
+  end
+  added = added + count
+  i = last + 1
 end
 for c = 0, ncursors - 1 do
   redis.call('SET', KEYS[tonumber(ARGV[2 + 2 * c])], ARGV[3 + 2 * c])
 end
-return {#ARGV - first + 1, redis.call('XLEN', key)}
+return {added, redis.call('XLEN', KEYS[1])}
 """)
 #: pipelined writes: entries added between two yields to the event loop while a batch is written
 _YIELD_EVERY = 32
@@ -336,19 +343,16 @@ class StreamWriter:
     def _script_arguments(
         self, batch: list[tuple[str, Mapping[str, FieldValue]]], cursors: dict[str, str]
     ) -> tuple[LuaScript, list[str], list[bytes | str | int]]:
-        """The script for *batch* and its KEYS = [main stream, other streams…, cursor keys…]
+        """The script for *batch* and its KEYS = [main stream, cursor keys…, other streams…]
         and ARGV as the script reads them."""
         keys = [self.stream]
         args: list[bytes | str | int] = [len(cursors)]
         for key, cursor in cursors.items():
             keys.append(key)
             args += (len(keys), cursor)
-        single = self._single_field(batch)
-        if single is not None:
-            field, values = single
-            args.append(field)
-            args += values
-            return _SINGLE_FIELD_SCRIPT, keys, args
+        runs = self._runs(batch, keys)
+        if runs is not None:
+            return _RUNS_SCRIPT, keys, args + runs
         index = {self.stream: 1}
         ints: list[int] = []
         parts: list[bytes] = []
@@ -369,23 +373,32 @@ class StreamWriter:
         args += (header.tobytes(), b"".join(parts))
         return _WRITE_SCRIPT, keys, args
 
-    def _single_field(self, batch: list[tuple[str, Mapping[str, FieldValue]]]) -> tuple[str, list[bytes]] | None:
-        """(field name, byte values) when every entry goes to the writer's stream with one
-        field of the same name, else None."""
-        if not batch or len(batch[0][1]) != 1:
-            return None
-        main = self.stream
-        field = next(iter(batch[0][1]))
-        try:
-            values = [fields[field] for stream, fields in batch if stream == main and len(fields) == 1]
-        except KeyError:  # another field name
-            return None
-        if len(values) != len(batch):
-            return None
-        for value in values:
-            if type(value) is not bytes:
-                return field, [_value_bytes(v) for v in values]
-        return field, values  # type: ignore[return-value]
+    def _runs(self, batch: list[tuple[str, Mapping[str, FieldValue]]], keys: list[str]) -> list[bytes | str | int] | None:
+        """``_RUNS_SCRIPT``'s runs for a batch of single-field entries (streams other than
+        the writer's appended to *keys*); None when an entry has another number of fields."""
+        out: list[bytes | str | int] = []
+        index = {self.stream: 1}
+        run_stream: str | None = None
+        run_field = ""
+        values: list[bytes] = []
+        for stream, fields in batch:
+            if len(fields) != 1:
+                return None
+            for name, value in fields.items():
+                if stream != run_stream or name != run_field:
+                    if values:
+                        out += (index[run_stream], run_field, len(values))  # type: ignore[index]
+                        out += values
+                        values = []
+                    if stream not in index:
+                        keys.append(stream)
+                        index[stream] = len(keys)
+                    run_stream, run_field = stream, name
+                values.append(value if type(value) is bytes else _value_bytes(value))
+        if values:
+            out += (index[run_stream], run_field, len(values))  # type: ignore[index]
+            out += values
+        return out
 
     def below_high_water_mark(self) -> bool:
         """Whether :meth:`wait_below_high_water_mark` would return at once (no await)."""
