@@ -11,7 +11,7 @@ setup(
         Extension(
             "psky.atproto._native",
             ["psky/atproto/_native.c"],
-            depends=["psky/atproto/_mst_native.c", "psky/atproto/_commit_native.c"],
+            depends=["psky/atproto/_mst_native.c", "psky/atproto/_commit_native.c", "psky/atproto/_k256_native.c"],
             optional=True,
         )
     ]

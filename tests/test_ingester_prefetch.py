@@ -346,3 +346,85 @@ async def test_a_signature_run_rechecks_after_a_key_is_dropped(
         assert failures == {"bad-signature": 1}  # commit 2 only; commit 1 passed after the re-fetch
         rkeys = [e["event"]["rkey"] for e in await stream_entries(redis, config.firehose_stream)]
         assert rkeys == ["a1", "a2"]  # lenient: both passed on, the failure counted
+
+
+# --- the repo chain on the native fast path --------------------------------------------------
+
+
+async def test_native_fast_path_chain_checks_agree_with_chain_reasons(
+        make_devnet: MakeDevnet, redis_url: str, redis_prefix: str, redis: aioredis.Redis) -> None:
+    """The fast path inlines the chain checks (rev newer than the last seen one, ``prevData``
+    equal to the last seen MST root, the very same commit again allowed). For planted repo
+    states it takes a commit exactly when :func:`_chain_reasons` finds nothing, and through
+    the processor each failure is counted under its reason (lenient: still passed on)."""
+    import aiohttp
+    from prometheus_client import CollectorRegistry
+
+    from psky.atproto.firehose import check_commit_frame
+    from psky.ingester.firehose import FirehoseIngester, _chain_reasons, _Native
+    from psky.ingester.metrics import IngesterMetrics
+    from psky.ingester.verify import KeyCache, RepoState
+
+    async with make_devnet(n_pds=1, seed=11) as net:
+        assert net.relay is not None
+        pds = net.pdses[0]
+        acct = await pds.create_account("chain")
+        head = await net.settle()
+        for i in range(3):
+            await pds.apply_writes(acct.did, [("create", "app.bsky.feed.post", f"c{i}", post(f"chain {i}"))])
+        await net.settle()
+        url = net.relay.url.replace("http", "ws", 1) + f"/xrpc/com.atproto.sync.subscribeRepos?cursor={head}"
+        frames: list[bytes] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, compress=0) as ws:
+                while len(frames) < net.relay.seq - head:
+                    frames.append((await ws.receive()).data)
+            checked = [check_commit_frame(data, verify=True) for data in frames]
+            commits = [c for c in checked if c is not None]
+            assert len(commits) == 3 and all(c.prev_data is not None for c in commits)
+            from libipld import encode_cid
+            roots = [encode_cid(c.data) for c in commits if c.data is not None]
+            first, second, third = commits
+            other_root = roots[0]  # a root the chain has moved past
+            plants: dict[str, RepoState | None] = {
+                "none": None,
+                "previous": RepoState(first.rev, roots[0]),  # the usual case: passes
+                "same-again": RepoState(second.rev, roots[1]),  # the very same commit: passes
+                "same-rev-other-root": RepoState(second.rev, other_root),
+                "newer": RepoState(third.rev, roots[2]),  # rev not newer
+                "forked": RepoState(first.rev, "bafyreib2rxk3rybk3aobmv5cjuql3bm2twh4jo5uxgf5o4ktcn3rmgdrqu"),
+                "unknown-root": RepoState(first.rev, ""),  # rev known, root not: passes
+            }
+            config = make_config(redis_url, redis_prefix, net, INGESTER_VERIFY="lenient")
+            resolver = IdentityResolver(net.plc.url, session=session)
+            keys = KeyCache(resolver)
+            for name, state in plants.items():
+                ingester = FirehoseIngester(config, net.relay.url, redis, session, keys,
+                                            IngesterMetrics(CollectorRegistry()))
+                ingester.states._remember(acct.did, state)
+                want = _chain_reasons(state, second.rev, roots[1], encode_cid(second.prev_data or b""))
+                got = ingester._good_native_commit(second)
+                assert (got is not None) == (not want), name
+                if got is not None:
+                    assert [e["event"] for e in got] == [ev for _, _, ev in second.events]
+                    assert ingester.states._cache[acct.did] == RepoState(second.rev, roots[1])
+                else:  # declined before any effect
+                    assert ingester.states._cache[acct.did] == state, name
+
+            # through the processor: the failures counted by reason, lenient passes them on
+            for name, reason in (("newer", "rev-not-newer"), ("forked", "prev-data-mismatch")):
+                registry = CollectorRegistry()
+                ingester = FirehoseIngester(config, net.relay.url, redis, session, keys, IngesterMetrics(registry))
+                ingester.writer.start()
+                ingester.states._remember(acct.did, plants[name])
+                queue = _ReadAheadQueue(100, 10**9)
+                index = checked.index(second)
+                queue.put(_Native(second, frames[index]), len(frames[index]), None)
+                queue.close()
+                await ingester._process_queue(queue)
+                await ingester.close()
+                failures = {s.labels["reason"]: s.value for m in registry.collect() for s in m.samples
+                            if s.name == "ingester_verification_failures_total"}
+                assert failures == {reason: 1}, name
+            rkeys = [e["event"]["rkey"] for e in await stream_entries(redis, config.firehose_stream)]
+            assert rkeys == ["c1", "c1"]

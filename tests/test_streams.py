@@ -549,6 +549,24 @@ async def test_single_field_batches_keep_the_cursor_behind_a_failure(client: aio
     assert [f for _, f in await client.xrange(stream)] == [{b"event": b"1"}, {b"event": b"2"}, {b"event": b"3"}]
 
 
+async def test_add_many_nowait_adds_only_when_add_many_would_not_await(
+        client: aioredis.Redis, redis_prefix: str) -> None:
+    """The hot path's synchronous add: it takes entries while the batch stays short of full,
+    refuses (adding nothing) when they would fill it, and what it took is written in order."""
+    stream = f"{redis_prefix}nowait"
+    writer = StreamWriter(client, stream, batch_size=4, high_water_mark=None)
+    assert writer.add_many_nowait([{"event": b"1"}, {"event": b"2"}])
+    assert writer.add_many_nowait([{"event": b"3"}], stream=f"{redis_prefix}other")
+    assert writer.buffered == 3 and writer._first_at is not None
+    assert not writer.add_many_nowait([{"event": b"4"}])  # would fill the batch: add_many's job
+    assert not writer.add_many_nowait([{"event": b"4"}, {"event": b"5"}, {"event": b"6"}])
+    assert writer.buffered == 3
+    await writer.add_many([{"event": b"4"}])  # fills the batch: written
+    await writer.flush()
+    assert [f for _, f in await client.xrange(stream)] == [{b"event": v} for v in (b"1", b"2", b"4")]
+    assert [f for _, f in await client.xrange(f"{redis_prefix}other")] == [{b"event": b"3"}]
+
+
 @pytest.mark.parametrize(
     ("entries", "runs"),
     [

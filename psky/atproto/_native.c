@@ -4,11 +4,13 @@
  *
  *   _mst_native.c     SHA-256 and sync 1.1 operation inversion on a partial MST
  *   _commit_native.c  the firehose #commit fast path (frame -> checked stream events)
+ *   _k256_native.c    K-256 signature checks through coincurve's libsecp256k1
  *
  * Optional: without a C compiler psky runs the same logic in Python (setup.py).
  */
 #include "_mst_native.c"
 #include "_commit_native.c"
+#include "_k256_native.c"
 
 static PyMethodDef methods[] = {
     {"invert", py_invert, METH_VARARGS,
@@ -22,11 +24,17 @@ static PyMethodDef methods[] = {
      "commit_fast(frame, verify) -> tuple | None\n\n"
      "A usual, valid #commit frame decoded and checked in one pass, with its stream events as JSON;\n"
      "None for anything else (the Python path decides)."},
+    {"k256_bind", py_k256_bind, METH_VARARGS,
+     "k256_bind(ctx, parse_compact, normalize, verify) -> None\n\n"
+     "Addresses of coincurve's libsecp256k1 context and functions (psky.atproto.crypto calls it)."},
+    {"k256_verify", py_k256_verify, METH_VARARGS,
+     "k256_verify(pubkey64, data, sig64, allow_high_s) -> bool\n\n"
+     "libsecp256k1's verdict on a compact signature of SHA-256(data); pubkey64 is its parsed key."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "psky.atproto._native", "Native hot paths: sync 1.1 MST operation inversion, the firehose commit fast path.", -1, methods,
+    PyModuleDef_HEAD_INIT, "psky.atproto._native", "Native hot paths: sync 1.1 MST operation inversion, the firehose commit fast path, K-256 checks.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -9,7 +9,8 @@ point (compressed or uncompressed, no multicodec) under the legacy
 ``EcdsaSecp256k1VerificationKey2019`` / ``EcdsaSecp256r1VerificationKey2019`` types.
 
 K-256 goes straight to libsecp256k1 through coincurve's cffi bindings (its verifier
-rejects high-S itself); P-256 uses ``cryptography`` (OpenSSL) with an explicit low-S check.
+rejects high-S itself), called from psky's C extension when it is built (the same library
+and verdict, without the Python calls and allocations around it: ``PSKY_NATIVE=0`` turns it off); P-256 uses ``cryptography`` (OpenSSL) with an explicit low-S check.
 Parsing a key costs far more than verifying with it, so :func:`verifier_for` keeps an LRU
 of parsed keys for the firehose hot path.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, Literal
@@ -33,6 +35,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+
+try:
+    from psky.atproto import _native
+except ImportError:  # built without a C compiler: the cffi calls below do the same
+    _native = None  # type: ignore[assignment]
 
 __all__ = [
     "K256_JWT_ALG",
@@ -183,10 +190,35 @@ class PublicKey(ABC):
         return f"{type(self).__name__}({self.did_key()!r})"
 
 
+def _bind_native_k256() -> bool:
+    """Hand coincurve's libsecp256k1 context and functions to the C extension; False when
+    either is missing (or ``PSKY_NATIVE=0``), and K-256 checks then go through cffi."""
+    if _native is None or os.environ.get("PSKY_NATIVE", "1") == "0":
+        return False
+    try:
+        def address(target: object) -> int:
+            return int(_ffi.cast("uintptr_t", target))
+
+        _native.k256_bind(
+            address(_K256_CONTEXT.ctx),
+            address(_ffi.addressof(_lib, "secp256k1_ecdsa_signature_parse_compact")),
+            address(_ffi.addressof(_lib, "secp256k1_ecdsa_signature_normalize")),
+            address(_ffi.addressof(_lib, "secp256k1_ecdsa_verify")),
+        )
+    except (AttributeError, TypeError, ValueError, _ffi.error):  # another coincurve build
+        return False
+    return True
+
+
+#: K-256 signatures checked by the C extension (through the same libsecp256k1); tests and
+#: benchmarks may flip it at run time
+NATIVE_K256: bool = _bind_native_k256()
+
+
 class K256PublicKey(PublicKey):
     """secp256k1 public key (ES256K), verified by libsecp256k1."""
 
-    __slots__ = ("_pub",)
+    __slots__ = ("_pub", "_raw")
 
     curve: ClassVar[Curve] = "k256"
     jwt_alg: ClassVar[str] = K256_JWT_ALG
@@ -200,6 +232,7 @@ class K256PublicKey(PublicKey):
         if not _lib.secp256k1_ec_pubkey_parse(_K256_CONTEXT.ctx, pub, point, len(point)):
             raise InvalidKey("K-256 public key is not a point on the curve")
         self._pub = pub
+        self._raw = bytes(_ffi.buffer(pub))  # the parsed key, for the C extension
         self.compressed = self._serialize(compressed=True)
         self._did_key = None
 
@@ -216,6 +249,8 @@ class K256PublicKey(PublicKey):
         return self._serialize(compressed=False)
 
     def verify(self, data: bytes, sig: bytes, *, allow_high_s: bool = False) -> bool:
+        if NATIVE_K256 and type(sig) is bytes and type(data) is bytes:
+            return _native.k256_verify(self._raw, data, sig, allow_high_s)
         if type(sig) is not bytes:
             # only byte strings: bytes(n) of an integer would allocate n bytes (or overflow)
             if not isinstance(sig, (bytearray, memoryview)):
@@ -311,7 +346,10 @@ def parse_multikey(multibase: str) -> PublicKey:
     point = raw[2:]
     if len(point) != 33:
         raise InvalidKey(f"Multikey must hold a 33-byte compressed point, got {len(point)} bytes")
-    return cls(point)
+    key = cls(point)
+    # base58btc is one-to-one, so the string is already the key's did:key form (no re-encoding)
+    key._did_key = DID_KEY_PREFIX + multibase
+    return key
 
 
 def parse_did_key(did_key: str) -> PublicKey:
@@ -338,7 +376,10 @@ def parse_legacy_multibase(multibase: str, curve: Curve) -> PublicKey:
 def parse_verification_method(method_type: str, public_key_multibase: str) -> PublicKey:
     """Key of a DID-document verification method, by its ``type``."""
     if method_type == MULTIKEY_TYPE:
-        return parse_multikey(public_key_multibase)
+        if not isinstance(public_key_multibase, str):
+            raise InvalidKey(f"key must be a string, not {type(public_key_multibase).__name__}")
+        # parsed once, under the did:key string a verifier will be asked for next
+        return _cached_key(DID_KEY_PREFIX + public_key_multibase)
     if method_type == LEGACY_K256_TYPE:
         return parse_legacy_multibase(public_key_multibase, "k256")
     if method_type == LEGACY_P256_TYPE:

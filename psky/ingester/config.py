@@ -60,15 +60,16 @@ class CollectionFilter:
         self._all = "*" in self.patterns
         self._exact = frozenset(p for p in self.patterns if not p.endswith("*"))
         self._prefixes = tuple(p[:-1] for p in self.patterns if p.endswith(".*"))
-        self._cache: dict[str, bool] = {}
+        #: answers so far (callers on a hot path may look here first)
+        self.cached: dict[str, bool] = {}
 
     def __call__(self, collection: str) -> bool:
-        hit = self._cache.get(collection)
+        hit = self.cached.get(collection)
         if hit is not None:
             return hit
         ok = self._all or collection in self._exact or collection.startswith(self._prefixes)
-        if len(self._cache) < 10_000:
-            self._cache[collection] = ok
+        if len(self.cached) < 10_000:
+            self.cached[collection] = ok
         return ok
 
 

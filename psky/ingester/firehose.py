@@ -335,7 +335,7 @@ class FirehoseIngester:
                 if current and verdict[1] and native_ahead is None:
                     entries = self._good_native_commit(native.commit)
                     if entries is not None:  # the usual commit: no await but the stream write
-                        if entries:
+                        if entries and not writer.add_many_nowait(entries):
                             await writer.add_many(entries)
                         self._advance(native.commit.seq, native.commit.time)  # after its events
                         continue
@@ -374,31 +374,40 @@ class FirehoseIngester:
         """A verified native commit whose signature is good and whose repo state is in memory,
         when nothing fails (the usual case): its repo state moved, its stream entries returned
         for the caller to add before it moves the cursor. None, before any effect, for
-        anything else (the caller then runs the general path)."""
+        anything else (the caller then runs the general path). The hot path of a verifying
+        ingester: the checks of :func:`_chain_reasons` are inlined (same verdicts, tested)."""
         assert checked.data is not None
-        hit, state = self.states.peek(checked.repo)
+        repo = checked.repo
+        hit, state = self.states.peek(repo)
         if not hit:
             return None
-        seq = checked.seq
         last = self.last_seq
-        if last is not None and seq <= last:
+        if last is not None and checked.seq <= last:
             return None  # replayed: the general path counts and skips it
-        root = str(encode_cid(checked.data))
-        if state is not None:
-            prev = str(encode_cid(checked.prev_data)) if checked.prev_data is not None else None
-            if _chain_reasons(state, checked.rev, root, prev):
+        root = encode_cid(checked.data)
+        rev = checked.rev
+        if state is not None and not (rev == state.rev and root == state.data):
+            if rev <= state.rev:
+                return None
+            prev = checked.prev_data
+            if prev is not None and state.data and encode_cid(prev) != state.data:
                 return None
         self._frames["commit"].inc()
-        repo = checked.repo
-        self.writer.set_cursor_after(self._state_prefix + repo, self.states.put(repo, RepoState(checked.rev, root)))
-        keep = None if self._keep_all else self.filter
+        self.writer.set_cursor_after(self._state_prefix + repo, self.states.put(repo, RepoState(rev, root)))
         counters = self._events
-        entries = []
         events = checked.events
+        if self._keep_all:
+            for _, kind, _ in events:
+                counters[kind].value += 1
+            return [{"event": event} for _, _, event in events]
+        keep = self.filter
+        kept = keep.cached  # per-collection answers: one dict lookup per op
+        entries = []
         for collection, kind, event in events:
-            if keep is None or keep(collection):
+            ok = kept.get(collection)
+            if ok if ok is not None else keep(collection):
                 entries.append({"event": event})
-                counters[kind].inc()
+                counters[kind].value += 1
         if len(entries) != len(events):
             self._filtered.inc(len(events) - len(entries))
         return entries

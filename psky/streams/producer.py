@@ -26,7 +26,7 @@ import logging
 import sys
 import time
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -226,6 +226,19 @@ class StreamWriter:
                 await self._batch_full()
         if len(self._buffer) >= self._next_yield_at:
             await self._let_write_progress()
+
+    def add_many_nowait(self, entries: Sequence[Mapping[str, FieldValue]], *, stream: str | None = None) -> bool:
+        """:meth:`add_many` when it would not await (the batch stays short of full and of
+        the next yield): True when the entries were added, False when nothing was (the
+        caller then awaits :meth:`add_many`). Saves a coroutine per call on a hot path."""
+        buffer = self._buffer
+        if len(buffer) + len(entries) >= min(self.batch_size, self._next_yield_at):
+            return False
+        key = stream or self.stream
+        buffer += [(key, fields) for fields in entries]
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        return True
 
     async def _let_write_progress(self) -> None:
         """Yield to the event loop now and then while a pipelined batch is being written.
