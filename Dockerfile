@@ -15,12 +15,12 @@ COPY requirements.lock pyproject.toml README.md ./
 RUN mkdir psky && touch psky/__init__.py \
  && pip install --constraint requirements.lock . \
  && pip uninstall -y psky
-# setup.py builds the C extension (psky.atproto._native: the firehose commit fast path and the
-# MST inverter) with the compiler above; without it psky would run several times slower
+# setup.py builds the C extension (psky.atproto._native: the firehose commit fast path, the
+# MST inverter, K-256 checks) with the compiler above; without it psky would run several times slower
 COPY setup.py ./
 COPY psky ./psky
 RUN pip install --no-deps . \
- && cd / && python -c "from psky.atproto import firehose, mst; assert mst.NATIVE_INVERSION and firehose.NATIVE_COMMITS, 'C extension not built'"
+ && cd / && python -c "from psky.atproto import crypto, firehose, mst; assert mst.NATIVE_INVERSION and firehose.NATIVE_COMMITS and crypto.NATIVE_K256, 'C extension not built'"
 
 FROM python:3.12-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /var/lib/psky --create-home psky

@@ -20,8 +20,8 @@ async def read_websocket(
     session: aiohttp.ClientSession,
     url: str,
     *,
-    on_frame: Callable[[bytes], Awaitable[None]],
-    before_read: Callable[[], Awaitable[None]],
+    on_frame: Callable[[bytes], Awaitable[None] | None],
+    before_read: Callable[[], Awaitable[None] | None],
     idle_timeout_s: float,
     max_frame_bytes: int,
 ) -> str:
@@ -30,7 +30,8 @@ async def read_websocket(
     ``before_read`` runs before every socket read (the backpressure wait: while it blocks,
     nothing is read and TCP flow control holds the sender). The idle watchdog restarts only
     on binary frames (``receive()`` answers pings internally), so pings alone do not keep a
-    connection that sends no data alive.
+    connection that sends no data alive. Either callback may return None instead of an
+    awaitable when it is done without waiting (a coroutine less per frame on the hot path).
     """
     try:
         async with session.ws_connect(
@@ -55,12 +56,16 @@ async def read_websocket(
             timer = asyncio.create_task(watchdog())
             try:
                 while True:
-                    await before_read()
+                    waiting = before_read()
+                    if waiting is not None:
+                        await waiting
                     last_data = loop.time()  # time spent waiting for Redis is not idleness
                     msg = await ws.receive()
                     if msg.type == aiohttp.WSMsgType.BINARY:
                         last_data = loop.time()
-                        await on_frame(msg.data)
+                        pending = on_frame(msg.data)
+                        if pending is not None:
+                            await pending
                     elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                         if idle:
                             log.warning("no data, reconnecting", extra={"url": url, "idle_s": idle_timeout_s})
@@ -70,7 +75,9 @@ async def read_websocket(
                         log.warning("websocket error", extra={"url": url, "error": str(ws.exception())})
                         return "error"
                     else:  # text frames are not part of the protocol
-                        await on_frame(b"")
+                        pending = on_frame(b"")
+                        if pending is not None:
+                            await pending
             finally:
                 await cancel_and_wait(timer)
     except (aiohttp.ClientError, OSError, TimeoutError) as e:

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -129,6 +130,10 @@ class _ReadAheadQueue:
         if len(self._items) >= self.max_frames or self._bytes >= self.max_bytes:
             self._room.clear()
 
+    def has_room(self) -> bool:
+        """Whether a frame may be added now (:meth:`wait_for_room` would not wait)."""
+        return self._room.is_set()
+
     def close(self) -> None:
         """No more frames: :meth:`get` returns None once the queue is empty."""
         self._closed = True
@@ -154,17 +159,21 @@ class _ReadAheadQueue:
 
     def pop_front(self) -> None:
         """Take the frame :meth:`peek` returned."""
-        _, size, _ = self._items.popleft()
-        self._bytes -= size
-        if len(self._items) < self.max_frames and self._bytes < self.max_bytes:
-            self._room.set()
+        self.take()
 
     async def get(self) -> tuple[Queued, _Ahead | None] | None:
+        """The next frame, waiting for one; None once closed and empty."""
         while not self._items:
             if self._closed:
                 return None
             self._ready.clear()
             await self._ready.wait()
+        return self.take()
+
+    def take(self) -> tuple[Queued, _Ahead | None] | None:
+        """The next frame if one is queued (taken), else None, without waiting."""
+        if not self._items:
+            return None
         frame, size, ahead = self._items.popleft()
         self._bytes -= size
         if len(self._items) < self.max_frames and self._bytes < self.max_bytes:
@@ -255,7 +264,7 @@ class FirehoseIngester:
                 if self.verify == "off":  # nothing to fetch ahead: process each frame as it is read
                     return await read_websocket(
                         self.session, url, on_frame=self.handle_frame,
-                        before_read=self.writer.wait_below_high_water_mark,
+                        before_read=self._wait_below_high_water_mark,
                         idle_timeout_s=self.config.idle_timeout_s, max_frame_bytes=self.config.max_frame_bytes,
                     )
                 return await self._read_ahead(url)
@@ -268,28 +277,42 @@ class FirehoseIngester:
             on_reconnect=lambda reason: self.metrics.reconnects.labels(host=self.host, reason=reason).inc(),
         )
 
+    def _wait_below_high_water_mark(self) -> Awaitable[None] | None:
+        writer = self.writer
+        return None if writer.below_high_water_mark() else writer.wait_below_high_water_mark()
+
     async def _read_ahead(self, url: str) -> str:
         """One connection with the read-ahead queue between the socket and the processor."""
         queue = _ReadAheadQueue(self.config.read_ahead_frames, self.config.read_ahead_bytes)
         processor = asyncio.create_task(self._process_queue(queue), name=f"firehose-processor:{self.host}")
         self._fetch_slots = asyncio.Semaphore(self.config.resolve_concurrency)
 
-        async def before_read() -> None:
+        async def wait_for_room() -> None:
             await queue.wait_for_room(processor)
             if processor.done():
                 processor.result()  # its error ends the connection (and the task) as before
 
-        async def on_frame(data: bytes) -> None:
-            checked = check_commit_frame(data, verify=True)
-            if checked is not None:
-                self._incoming.inc()
-                did = checked.repo
-                ready = self.keys.is_cached(did) and self.states.cached(did)  # the usual case: no await
-                queue.put(_Native(checked, data), len(data), None if ready else await self._prepare_repo(did, True))
-                return
+        def before_read() -> Awaitable[None] | None:
+            return None if queue.has_room() and not processor.done() else wait_for_room()
+
+        async def put_native(checked: CheckedCommit, data: bytes) -> None:
+            queue.put(_Native(checked, data), len(data), await self._prepare_repo(checked.repo, True))
+
+        async def put_decoded(data: bytes) -> None:
             frame = self._decode(data)
             if frame is not None:
                 queue.put(frame, len(data), await self._prepare(frame))
+
+        def on_frame(data: bytes) -> Awaitable[None] | None:
+            checked = check_commit_frame(data, verify=True)
+            if checked is None:
+                return put_decoded(data)
+            self._incoming.inc()
+            did = checked.repo
+            if self.keys.is_cached(did) and self.states.cached(did):  # the usual case: no await
+                queue.put(_Native(checked, data), len(data), None)
+                return None
+            return put_native(checked, data)
 
         try:
             reason = await read_websocket(
@@ -316,9 +339,11 @@ class FirehoseIngester:
         writer = self.writer
         verifying = self.verify != "off"  # (the read-ahead runs only when verifying)
         while True:
-            item = await queue.get()
+            item = queue.take()  # no coroutine while frames are queued (the usual case)
             if item is None:
-                return
+                item = await queue.get()
+                if item is None:
+                    return
             frame, ahead = item
             run = self._signature_run(queue, frame, ahead) if isinstance(frame, _Native) and verifying else None
             if run is None:
