@@ -54,6 +54,18 @@ def _map_handle(handle_map: list[tuple[str, str]], handle: str) -> str | None:
     return None
 
 
+async def _read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first *limit* bytes: ``content.read(n)`` alone returns what has
+    arrived so far, which cuts a body that came in several reads."""
+    body = b""
+    while len(body) < limit:
+        chunk = await resp.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
+
+
 class ResolutionError(Exception):
     """The DID could not be resolved (not found, unreachable, or an invalid document)."""
 
@@ -193,7 +205,7 @@ class IdentityResolver:
                     raise ResolutionError(f"{did}: not found ({resp.status} from {url})")
                 if resp.status != 200:
                     raise ResolutionError(f"{did}: HTTP {resp.status} from {url}")
-                body = await resp.content.read(1_000_001)
+                body = await _read_up_to(resp, 1_000_001)
                 if len(body) > 1_000_000:
                     raise ResolutionError(f"{did}: DID document over 1 MB at {url}")
         except (TimeoutError, aiohttp.ClientError) as e:
@@ -247,7 +259,7 @@ class IdentityResolver:
             async with self._http().get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status != 200:
                     return None
-                body = (await resp.content.read(2049)).decode("utf-8", "replace").strip()
+                body = (await _read_up_to(resp, 2049)).decode("utf-8", "replace").strip()
         except (TimeoutError, aiohttp.ClientError):
             return None
         return body if body.startswith("did:") and len(body) <= 2048 and "\n" not in body else None

@@ -11,7 +11,10 @@ informational or upgrade reply, a compressed or otherwise encoded body) comes ba
 and the caller asks its general client instead. Malformed replies raise
 :class:`OriginProtocolError`; connection failures raise ``OSError`` (or
 ``asyncio.IncompleteReadError``); a body over the limit raises :class:`BodyTooLarge`.
-A reused keep-alive connection that the server closed meanwhile is retried once, fresh.
+A kept-alive connection is reused only while the server has sent nothing unasked (an idle
+close, a ``408`` on timeout, stray bytes after a body: it is dropped instead); one that the
+server closed meanwhile fails at once and the request goes on to the next idle connection,
+then to a fresh one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ class BodyTooLarge(Exception):
     """The reply's body is over the caller's limit."""
 
 
+def _quiet(conn: _Connection) -> bool:
+    """Whether a connection between requests is still open with nothing received: bytes the
+    server sent unasked (a 408 on idle close, extra bytes after a body) would be taken for
+    the next request's reply, and an ended stream cannot carry one."""
+    reader, writer = conn
+    # StreamReader has no public "bytes buffered" query; _buffer is its buffer since 3.4
+    return not writer.is_closing() and not reader.at_eof() and not getattr(reader, "_buffer", b"")
+
+
 class OriginClient:
     """GETs to one ``http(s)://host[:port][/prefix]`` origin over kept-alive connections."""
 
@@ -54,6 +66,7 @@ class OriginClient:
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
         self._ssl: ssl.SSLContext | None = None
+        self._closed = False
         #: connections opened so far (tests and benchmarks read it: reuse shows as few opens)
         self.opened = 0
 
@@ -69,8 +82,10 @@ class OriginClient:
         request = (f"GET {self.prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
                    f"Accept: {accept}\r\nUser-Agent: {self._user_agent}\r\n\r\n").encode("ascii")
         while True:
-            reused = bool(self._idle)
-            conn = self._idle.pop() if reused else await self._open()
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._open()
             try:
                 status, body, keep = await self._exchange(conn, request, max_body)
             except (OSError, asyncio.IncompleteReadError) as e:
@@ -82,18 +97,30 @@ class OriginClient:
             except BaseException:
                 self._discard(conn)
                 raise
-            if keep and len(self._idle) < self.max_idle:
+            if keep and not self._closed and len(self._idle) < self.max_idle and _quiet(conn):
                 self._idle.append(conn)
             else:
                 self._discard(conn)
             return None if status is None else (status, body)
 
     async def close(self) -> None:
+        """Close the idle connections; one still in use is closed when its request ends."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             self._discard(conn)
 
+    def _take_idle(self) -> _Connection | None:
+        """An idle connection the server has not touched since its last reply, or None."""
+        while self._idle:
+            conn = self._idle.pop()
+            if _quiet(conn):
+                return conn
+            self._discard(conn)
+        return None
+
     async def _open(self) -> _Connection:
+        self._closed = False  # used again after close(): it keeps connections again
         if self.tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
         conn = await asyncio.open_connection(
@@ -126,7 +153,7 @@ class OriginClient:
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or b" " in name:
+            if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
                 raise OriginProtocolError(f"bad header line {line[:100]!r}")
             name, value = name.lower(), value.strip(b" \t")
             if name in headers:
@@ -140,11 +167,13 @@ class OriginClient:
         if status < 200 or 300 <= status < 400 or encoding not in (b"identity", b""):
             return None, b"", False  # informational, redirect, encoded: the general client's job
         transfer = headers.get(b"transfer-encoding")
-        if status in (204, 304):
+        if status == 204:
             return status, b"", keep
         if transfer is not None:
             if transfer.lower() != b"chunked":
                 return None, b"", False
+            # with a Content-Length as well the framing is suspect (RFC 9112 6.1): not reused
+            keep = keep and b"content-length" not in headers
             return status, await self._chunked(reader, max_body), keep
         length = headers.get(b"content-length")
         if length is not None:

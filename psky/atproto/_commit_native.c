@@ -114,11 +114,37 @@ static int valid_utf8(const uint8_t *p, size_t n) {
 static const char HEX[16] = "0123456789abcdef";
 
 /* a JSON string of UTF-8 text (validated here; bails on invalid) */
+#if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
+#include <emmintrin.h>
+#define PSKY_SSE2_SCAN 1
+#endif
+
+/* the first byte at or after p that is not plain ASCII to copy as is (a control character,
+ * '"', '\\', or the start of a multi-byte sequence), or end */
+static inline const uint8_t *plain_ascii_end(const uint8_t *p, const uint8_t *end) {
+#if PSKY_SSE2_SCAN
+    const __m128i space = _mm_set1_epi8(0x20), quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\');
+    while (end - p >= 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)p);
+        /* signed: bytes >= 0x80 are negative, so "below 0x20" also catches them */
+        __m128i special = _mm_or_si128(_mm_cmplt_epi8(v, space),
+                                       _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)));
+        int mask = _mm_movemask_epi8(special);
+        if (mask != 0) return p + __builtin_ctz((unsigned)mask);
+        p += 16;
+    }
+#endif
+    while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\') p++;
+    return p;
+}
+
 static void put_str(Fast *f, const uint8_t *s, size_t n) {
     buf_reserve(f, n + 2);
     f->out.p[f->out.n++] = '"';
     const uint8_t *p = s, *end = s + n, *run = s;
     while (p < end) {
+        p = plain_ascii_end(p, end);
+        if (p == end) break;
         uint8_t b = *p;
         if (b >= 0x80) {
             size_t k = utf8_seq(p, end);
