@@ -407,6 +407,7 @@ async def test_native_fast_path_chain_checks_agree_with_chain_reasons(
                 assert (got is not None) == (not want), name
                 if got is not None:
                     assert [e["event"] for e in got] == [ev for _, _, ev in second.events]
+                    assert ingester._events["create"].value == len(second.events) == 1  # counted
                     assert ingester.states._cache[acct.did] == RepoState(second.rev, roots[1])
                 else:  # declined before any effect
                     assert ingester.states._cache[acct.did] == state, name
@@ -428,3 +429,16 @@ async def test_native_fast_path_chain_checks_agree_with_chain_reasons(
                 assert failures == {reason: 1}, name
             rkeys = [e["event"]["rkey"] for e in await stream_entries(redis, config.firehose_stream)]
             assert rkeys == ["c1", "c1"]
+
+            # the collection filter on the fast path: everything, or the post filtered out (counted)
+            for collections, kept in (("*", 1), ("app.bsky.graph.*", 0)):
+                registry = CollectorRegistry()
+                filtered = make_config(redis_url, redis_prefix, net, INGESTER_VERIFY="lenient",
+                                       INGESTER_COLLECTIONS=collections)
+                ingester = FirehoseIngester(filtered, net.relay.url, redis, session, keys, IngesterMetrics(registry))
+                ingester.states._remember(acct.did, plants["previous"])
+                got = ingester._good_native_commit(second)
+                assert got is not None and len(got) == kept, collections
+                totals = {s.name: s.value for m in registry.collect() for s in m.samples}
+                assert totals.get("ingester_firehose_filtered_operations_total", 0) == 1 - kept
+                assert ingester._events["create"].value == kept
