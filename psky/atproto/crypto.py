@@ -10,7 +10,8 @@ point (compressed or uncompressed, no multicodec) under the legacy
 
 K-256 goes straight to libsecp256k1 through coincurve's cffi bindings (its verifier
 rejects high-S itself), called from psky's C extension when it is built (the same library
-and verdict, without the Python calls and allocations around it: ``PSKY_NATIVE=0`` turns it off); P-256 uses ``cryptography`` (OpenSSL) with an explicit low-S check.
+and verdict, without the Python calls and allocations around it; ``PSKY_NATIVE=0`` turns it
+off); P-256 uses ``cryptography`` (OpenSSL) with an explicit low-S check.
 Parsing a key costs far more than verifying with it, so :func:`verifier_for` keeps an LRU
 of parsed keys for the firehose hot path.
 """
