@@ -49,7 +49,10 @@ def _quiet(conn: _Connection) -> bool:
 class OriginClient:
     """GETs to one ``http(s)://host[:port][/prefix]`` origin over kept-alive connections."""
 
-    def __init__(self, base_url: str, *, max_idle: int = 32, user_agent: str = "psky") -> None:
+    def __init__(self, base_url: str, *, max_idle: int = 32, user_agent: str = "psky",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """*ssl_context*: for ``https``, the context to verify the server with (default: the
+        system's trusted certificates, hostname checked)."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"origin must be http(s)://host[:port]: {base_url!r:.200}")
@@ -65,7 +68,7 @@ class OriginClient:
         self._user_agent = user_agent
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: ssl.SSLContext | None = ssl_context
         self._closed = False
         #: connections opened so far (tests and benchmarks read it: reuse shows as few opens)
         self.opened = 0

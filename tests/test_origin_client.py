@@ -1098,3 +1098,77 @@ async def test_aiohttp_path_reads_a_document_that_arrives_in_pieces(serve: Serve
         assert resolver._plc is None
         doc = await within(resolver.resolve(did))
     assert doc.id == did and doc.handle == "pieces.test"
+
+
+# --- TLS (the PLC directory is https) ----------------------------------------------------
+
+
+def _self_signed(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for localhost (only) and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+async def test_https_origin_keeps_one_verified_tls_connection(tmp_path: Any) -> None:
+    """Over TLS the client checks the server's certificate and name, and keeps the connection:
+    several GETs, one handshake. An untrusted certificate fails (an OSError: the resolver
+    reports "cannot fetch"), and so does a certificate for another name."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    server = RawServer([Reply(ok(b"one")), Reply(ok(b"two")), Reply(ok(b"three"))])
+    server._server = await asyncio.start_server(server._on_connection, "127.0.0.1", 0, ssl=server_ctx)
+    server.port = server._server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=cert)
+    try:
+        client = OriginClient(f"https://localhost:{server.port}", ssl_context=trusting)
+        try:
+            assert await within(client.get("/1")) == (200, b"one")
+            assert await within(client.get("/2")) == (200, b"two")
+            assert (client.opened, server.connections) == (1, 1)
+            assert server.requests[0].split(b"\r\n")[1] == f"Host: localhost:{server.port}".encode()
+        finally:
+            await client.close()
+        untrusted = OriginClient(f"https://localhost:{server.port}")  # the system's roots only
+        try:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await within(untrusted.get("/3"))
+        finally:
+            await untrusted.close()
+        other_name = OriginClient(f"https://127.0.0.1:{server.port}", ssl_context=trusting)
+        try:
+            with pytest.raises(ssl.SSLCertVerificationError, match=r"match|mismatch"):  # not its name
+                await within(other_name.get("/3"))
+        finally:
+            await other_name.close()
+        resolver = IdentityResolver(f"https://localhost:{server.port}")
+        try:
+            with pytest.raises(ResolutionError, match="cannot fetch"):
+                await within(resolver.resolve("did:plc:" + "a" * 24))
+        finally:
+            await resolver.close()
+    finally:
+        await server.stop()
