@@ -14,7 +14,9 @@ on the network) and each mode reads only those, with cold caches.
 A mode with ``-warm`` (``lenient-warm``) starts with every author's DID document cached, as
 on a live firehose where nearly every commit comes from an account seen before. ``raw`` only
 reads the frames (the relay's ceiling on this machine). Each mode also prints its steady
-state (10% to 90% of the frames) and the CPU per frame of this process.
+state (10% to 90% of the frames) and the CPU per frame of this process, and a verifying mode
+the time one K-256 check takes alone right after it (on a shared VM the same run moves by
+20% from hour to hour: that line says which hour it was).
 The issue's goals on one core: >= 30,000 frames/s unverified, >= 10,000 verified, <= 150 MB.
 
 ``--backpressure-seconds N`` measures memory under backpressure instead: the devnet keeps
@@ -127,6 +129,21 @@ async def _raw(relay: str, start: int, seq: int) -> None:
           f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core)")
 
 
+def _k256_reference_us(checks: int = 3000) -> float:
+    """µs per lone K-256 signature check right now: the floor of a verified frame, and a gauge
+    of how fast this (possibly shared) machine runs at the moment."""
+    from psky.atproto.crypto import PrivateKey
+
+    key = PrivateKey.generate("k256")
+    data = b"\xa5" + bytes(range(256))  # about a commit's unsigned bytes
+    sig = key.sign(data)
+    public = key.public_key()
+    started = time.process_time()
+    for _ in range(checks):
+        public.verify(data, sig)
+    return (time.process_time() - started) / checks * 1e6
+
+
 async def _one(url: str, relay: str, plc: str, start: int, seq: int, mode: str, profile: bool,
                conn: Connection) -> None:
     if mode == "raw":
@@ -192,6 +209,9 @@ async def _one(url: str, relay: str, plc: str, start: int, seq: int, mode: str, 
               f"CPU {cpu:.2f}s in this process ({cpu / elapsed * 100:.0f}% of one core), "
               f"peak RSS {cpu1.ru_maxrss / 1024:.0f} MB")
         print(f"  {plc_requests} DID document requests at the PLC, at most {plc_overlap} at once")
+        if mode != "off":
+            print(f"  reference: one K-256 check alone takes {_k256_reference_us():.1f} µs on this machine now "
+                  "(a shared VM's speed moves: compare runs by it)")
         reconnects = sum(s.value for m in registry.collect() for s in m.samples if s.name == "ingester_reconnects_total")
         retries = sum(s.value for m in registry.collect() for s in m.samples
                       if s.name == "ingester_stream_write_retries_total")
