@@ -54,6 +54,7 @@ from psky.devnet.network import Devnet
 from psky.identity import IdentityResolver
 from psky.ingester import IngesterConfig, run_ingester
 from psky.ops.embedded import EmbeddedServices
+from psky.runtime import tune_gc
 from psky.streams import connect, cursor_key
 
 
@@ -351,6 +352,7 @@ def main() -> None:
     p.add_argument("--sample-seconds", type=float, default=5.0)
     p.add_argument("--plc-latency-ms", type=float, default=0.0,
                    help="delay every DID document the devnet PLC serves (a distant directory, cold cache)")
+    tune_gc(os.environ)  # as the psky services do (PSKY_GC_GEN0; psky/runtime.py)
     asyncio.run(bench(p.parse_args()))
 
 

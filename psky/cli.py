@@ -121,8 +121,13 @@ async def _serve_until_signalled(run: Callable[[Mapping[str, str], asyncio.Event
 
     Unset REDIS_URL / DATABASE_URL mean embedded servers (started here, or shared with other
     psky processes using the same data directory)."""
+    from psky.runtime import tune_gc
     from psky.services import ConfigError, resolve_database_url, resolve_redis_url, service_urls
 
+    try:
+        tune_gc(os.environ)
+    except ConfigError as e:
+        raise UserError(str(e), 2) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
