@@ -49,10 +49,14 @@ def _quiet(conn: _Connection) -> bool:
 class OriginClient:
     """GETs to one ``http(s)://host[:port][/prefix]`` origin over kept-alive connections."""
 
-    def __init__(self, base_url: str, *, max_idle: int = 32, user_agent: str = "psky",
+    def __init__(self, base_url: str, *, max_connections: int = 32, max_idle: int = 32, user_agent: str = "psky",
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        """*ssl_context*: for ``https``, the context to verify the server with (default: the
-        system's trusted certificates, hostname checked)."""
+        """At most *max_connections* requests run at once (the others wait their turn: a burst
+        of resolutions must not open a socket each), and *max_idle* connections are kept
+        between them. *ssl_context*: for ``https``, the context to verify the server with
+        (default: the system's trusted certificates, hostname checked)."""
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"origin must be http(s)://host[:port]: {base_url!r:.200}")
@@ -67,6 +71,8 @@ class OriginClient:
         self._host_header = host if default_port else f"{host}:{self.port}"
         self._user_agent = user_agent
         self.max_idle = max_idle
+        self.max_connections = max_connections
+        self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._ssl: ssl.SSLContext | None = ssl_context
         self._closed = False
@@ -84,6 +90,10 @@ class OriginClient:
             raise ValueError(f"path must be a printable ASCII path without spaces: {path!r:.200}")
         request = (f"GET {self.prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
                    f"Accept: {accept}\r\nUser-Agent: {self._user_agent}\r\n\r\n").encode("ascii")
+        async with self._slots:
+            return await self._get(request, max_body)
+
+    async def _get(self, request: bytes, max_body: int) -> tuple[int, bytes] | None:
         while True:
             conn = self._take_idle()
             reused = conn is not None

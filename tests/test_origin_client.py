@@ -1172,3 +1172,15 @@ async def test_https_origin_keeps_one_verified_tls_connection(tmp_path: Any) -> 
             await resolver.close()
     finally:
         await server.stop()
+
+
+async def test_a_burst_of_requests_shares_at_most_max_connections(serve: ServerFactory) -> None:
+    """A burst (a backfiller resolving many repos at once) waits for free connections instead
+    of opening a socket per request, and then reuses them."""
+    server = await serve(*(Reply([ok(b"%d" % i)[:-1], ok(b"%d" % i)[-1:]]) for i in range(60)))
+    client = server.client(max_connections=4)
+    answers = await within(asyncio.gather(*(client.get(f"/{i}") for i in range(60))))
+    assert all(status == 200 for status, _ in answers) and len(answers) == 60
+    assert client.opened == server.connections == 4
+    with pytest.raises(ValueError, match="max_connections"):
+        OriginClient(server.url(), max_connections=0)
